@@ -1,0 +1,115 @@
+"""Multi-head latent attention, Kimi-Linear flavour (``kimi-linear-architecture.md`` §4).
+
+NoPE and no q-LoRA: the 64 "rope" dims are a shared, never-rotated key slice.
+
+    q           = q_proj(x)                       [B, T, H, nope + rope]
+    c, k_pe     = kv_a_proj_with_mqa(x)           [B, T, R], [B, T, rope]
+    c           = kv_a_layernorm(c)               eps: cfg.kv_a_layernorm_eps (1e-6, as HF/transformers)
+    cache       <- [c | k_pe]                      R + rope values per token (576 for the 48B)
+    k_nope, v   = kv_b_proj(c) per head           [B, S, H, nope], [B, S, H, v]
+    attn        = softmax(q . [k_nope | k_pe] * (nope + rope)^-1/2, causal) v
+    out         = o_proj(attn)
+
+Two equivalent paths, picked by query length (``absorb_max_tokens``):
+
+* expanded (prefill): decompress cached latents to per-head keys/values, run SDPA;
+* absorbed (decode): fold ``W_UK`` into the query and ``W_UV`` into the output so attention
+  runs directly over the latent cache ([B, S, R + rope]) — valid because nothing is rotated.
+
+Causality with per-row lengths: query t of row b sits at absolute position ``L_b + t`` and
+sees cache slots ``j <= L_b + t``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimiq.config import ModelConfig
+from kimiq.model.layers import RMSNorm
+from kimiq.model.state import MLAState
+
+__all__ = ["KimiMLAAttention"]
+
+
+class KimiMLAAttention(nn.Module):
+    absorb_max_tokens = 4  # queries per row at or below which the absorbed path runs
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        m = cfg.mla
+        self.layer_idx = layer_idx
+        self.num_heads = m.num_heads
+        self.nope, self.rope, self.v_dim, self.rank = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank
+        self.scale = m.qk_head_dim**-0.5
+        D = cfg.hidden_size
+        self.q_proj = nn.Linear(D, m.num_heads * m.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, m.kv_lora_rank + m.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, cfg.kv_a_layernorm_eps)
+        self.kv_b_proj = nn.Linear(m.kv_lora_rank, m.num_heads * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(m.num_heads * m.v_head_dim, D, bias=False)
+
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, D] -> cache entries [B, T, R + rope] (normalised c, then k_pe)."""
+        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)
+        return torch.cat([self.kv_a_layernorm(c), k_pe], dim=-1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: MLAState | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: [B, T, D]; ``lengths[B]``: tokens already cached per row (before this call)."""
+        B, T, _ = x.shape
+        H = self.num_heads
+        q = self.q_proj(x).view(B, T, H, self.nope + self.rope)
+        new = self.latent(x)  # [B, T, R + rope]
+        if state is None:
+            kv = new
+            mask = None  # plain causal over the T new tokens
+        else:
+            assert lengths is not None
+            state.ensure_capacity(int(lengths.max()) + T)
+            pos = lengths.view(B, 1) + torch.arange(T, device=x.device).view(1, T)  # [B, T] absolute positions
+            state.latent.scatter_(1, pos.unsqueeze(-1).expand(B, T, new.shape[-1]), new.to(state.latent.dtype))
+            S = int(lengths.max()) + T
+            kv = state.latent[:, :S].to(x.dtype)
+            mask = torch.arange(S, device=x.device).view(1, 1, S) <= pos.unsqueeze(-1)  # [B, T, S]
+        if T <= self.absorb_max_tokens:
+            out = self._absorbed(q, kv, mask)
+        else:
+            out = self._expanded(q, kv, mask)
+        return self.o_proj(out.reshape(B, T, H * self.v_dim))
+
+    def _expanded(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, H, _ = q.shape
+        S = kv.shape[1]
+        c, k_pe = kv.split([self.rank, self.rope], dim=-1)
+        kvb = self.kv_b_proj(c).view(B, S, H, self.nope + self.v_dim)
+        k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, self.rope)], dim=-1)  # [B, S, H, nope + rope]
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, *, d]
+        if mask is None:
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale)
+        else:
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask.unsqueeze(1), scale=self.scale)
+        return o.transpose(1, 2)  # [B, T, H, v]
+
+    def _absorbed(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, H, _ = q.shape
+        S = kv.shape[1]
+        w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H, nope, R], [H, v, R]
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        c, k_pe = kv.split([self.rank, self.rope], dim=-1)  # [B, S, R], [B, S, rope]
+        q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)  # [B, H, T, R]
+        scores = torch.einsum("bhtr,bsr->bhts", q_lat, c) + torch.einsum("bthp,bsp->bhts", q_pe, k_pe)
+        scores = scores.float() * self.scale
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T).unsqueeze(0)
+        scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        p = scores.softmax(-1).to(c.dtype)
+        o_lat = torch.einsum("bhts,bsr->bthr", p, c)  # [B, T, H, R]
+        return torch.einsum("bthr,hvr->bthv", o_lat, w_uv)  # [B, T, H, v]
