@@ -94,8 +94,11 @@ def recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final
     return o.to(out_dtype), (S.view(B, H, K, V) if output_final_state else None)
 
 
-def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, chunk_size=64):
+def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, chunk_size=16):
     """Chunked parallel form (prefill).  Exact in exact arithmetic; fp32 throughout.
+
+    ``chunk_size=16``: the [B, H, C, C, K] pairwise-decay block stays in cache; on 2 CPU cores 16 was
+    1.4x faster than 64 for prefill and 6x for training (fwd+bwd), measured 2026-11-22.
 
     Within a chunk of C steps with inclusive cumulative log-decay G = cumsum(g):
 
@@ -132,13 +135,14 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
         # pairwise decays exp(G_t - G_j) for j <= t, zero elsewhere: [B, H, C, C, K]
         diff = Gc.unsqueeze(-2) - Gc.unsqueeze(-3)
         decay = torch.where(causal[..., None], diff, diff.new_tensor(float("-inf"))).exp()
-        kk = torch.einsum("bhtd,bhjd,bhtjd->bhtj", kc, kc, decay)  # [B, H, C, C]
-        A = kk * strict * bc.unsqueeze(-1)
+        kj = decay * kc.unsqueeze(-3)  # [B, H, C(t), C(j), K]: k_j[d] exp(G_t[d] - G_j[d])
+        scores = kj @ torch.stack((kc, qc), dim=-1)  # [B, H, C(t), C(j), 2]: k_t. and q_t. in one pass
+        A = scores[..., 0] * strict * bc.unsqueeze(-1)
         rhs = torch.cat([vc, Gc.exp() * kc], dim=-1) * bc.unsqueeze(-1)  # [B, H, C, V + K]
         sol = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
         U, W = sol[..., :V], sol[..., V:]
         D = U - W @ S  # [B, H, C, V]
-        qk = torch.einsum("bhtd,bhjd,bhtjd->bhtj", qc, kc, decay)  # causal incl. diagonal
+        qk = scores[..., 1]  # causal incl. diagonal (decay is 0 above it)
         o[:, :, c] = (Gc.exp() * qc) @ S + qk @ D
         G_last = Gc[:, :, -1:, :]  # [B, H, 1, K]
         S = G_last.squeeze(-2).exp().unsqueeze(-1) * S + ((G_last - Gc).exp() * kc).transpose(-1, -2) @ D

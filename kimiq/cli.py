@@ -1,0 +1,216 @@
+"""The ``kimiq`` command: one console script, one subcommand per job.
+
+    kimiq generate [-m DIR] -p "def fibonacci(n):"     continue a prompt (streamed; tok/s at the end)
+    kimiq chat     [-m DIR] [-p "one-shot question"]   multi-turn chat; the model state is kept across turns
+    kimiq verify   DIR                                  SHA256SUMS + tensor inventory against config.json
+
+Without ``--model`` the embedded default model is used.  Each subcommand has ``add_args(p)``
+and ``run(args)``; this module only wires them up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+# ---------------------------------------------------------------------------------------------- shared options
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("-m", "--model", metavar="DIR", help="checkpoint directory in Hugging Face layout "
+                   "(config.json, safetensors shards + index, tiktoken.model); default: the embedded model")
+    g.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="compute dtype; auto = fp32 on CPU for small models, else the checkpoint's (default: auto)")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    g.add_argument("--kda-impl", choices=("torch", "naive", "fla"), default="torch",
+                   help="KDA kernel: torch (chunked/recurrent, any device), naive (reference loop), "
+                   "fla (Triton, CUDA only; pip install 'kimiq[kernels]')")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, default_max: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("-n", "--max-tokens", type=int, default=default_max, help=f"tokens to generate (default: {default_max})")
+    g.add_argument("-t", "--temperature", "--temp", type=float, default=0.0, help="0 = greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default: 0 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p * p(top) (default: 0 = off)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty (default: 1.0 = off)")
+    g.add_argument("--repeat-window", type=int, default=64, help="tokens the penalty looks back over (0 = all)")
+    g.add_argument("--seed", type=int, default=None, help="RNG seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
+
+
+def _load(args):
+    import torch
+
+    from kimiq import default_model_path, load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = args.model or default_model_path()
+    dtype = _torch_dtype(args.dtype)
+    if dtype is None and str(args.device).startswith("cpu"):
+        dtype = torch.float32 if _small(path) else torch.bfloat16
+    model, tok = load(path, dtype=dtype, device=args.device, kda_impl=args.kda_impl)
+    return model, tok
+
+
+def _small(path) -> bool:
+    """fp32 on CPU is the fast, exact choice for models whose fp32 weights fit easily (< 4 GiB)."""
+    from pathlib import Path
+
+    total = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    return total < 2 * 2**30
+
+
+def _params(args):
+    from kimiq.generate import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repeat_penalty,
+        repetition_window=args.repeat_window,
+        seed=args.seed,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-p", "--prompt", help="prompt text (default: read stdin)")
+    p.add_argument("--chat-template", action="store_true",
+                   help="wrap the prompt as one user turn with the model's chat template")
+    p.add_argument("--allow-special", action="store_true",
+                   help="let special-token text in the prompt (e.g. <|im_end|>) become control tokens")
+    _add_model_args(p)
+    _add_sampling_args(p, 256)
+
+
+def _generate(args) -> int:
+    from kimiq.generate import GenerationResult, generate_text
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    model, tok = _load(args)
+    params = _params(args)
+    if args.chat_template:
+        prompt_ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        source: object = prompt_ids
+    else:
+        sys.stdout.write(prompt)
+        source = prompt
+    result = GenerationResult()
+    for chunk in generate_text(model, tok, source, params, args.max_tokens, args.stop,
+                               allow_special=args.allow_special, result=result):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(f"[{result.stats.summary()}; finish: {result.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- chat
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-p", "--prompt", action="append", default=[],
+                   help="a user turn to send non-interactively (repeatable); without it, read turns from the terminal")
+    p.add_argument("-s", "--system", default=None, help="system message (default: the template's)")
+    p.add_argument("--stats", action="store_true", help="print tok/s after every reply")
+    _add_model_args(p)
+    _add_sampling_args(p, 1024)
+
+
+def _chat(args) -> int:
+    from kimiq.generate import ChatSession
+
+    model, tok = _load(args)
+    session = ChatSession(model, tok, system=args.system, params=_params(args),
+                          max_new_tokens=args.max_tokens, stop_strings=args.stop)
+
+    def turn(text: str) -> None:
+        for chunk in session.send(text):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if args.stats or args.prompt:
+            print(f"[{session.last.stats.summary()}]", file=sys.stderr)
+
+    if args.prompt:
+        for text in args.prompt:
+            print(f">>> {text}")
+            turn(text)
+        return 0
+    print("kimiq chat — empty line or Ctrl-D to quit, /reset to clear the conversation", file=sys.stderr)
+    while True:
+        try:
+            text = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not text.strip():
+            return 0
+        if text.strip() == "/reset":
+            session.reset()
+            continue
+        turn(text)
+
+
+# ---------------------------------------------------------------------------------------------- verify
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="checkpoint directory")
+
+
+def _verify(args) -> int:
+    from kimiq.model.weights import verify_checkpoint
+
+    report = verify_checkpoint(args.dir)
+    print(report)
+    return 0 if report.ok else 1
+
+
+COMMANDS = {
+    "generate": (_generate_args, _generate, "continue a prompt with a model (streamed)"),
+    "chat": (_chat_args, _chat, "chat with a model; the state is kept between turns"),
+    "verify": (_verify_args, _verify, "check a checkpoint's SHA256SUMS and tensor inventory"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="kimiq",
+        description="Run Kimi-Linear (KDA + MLA mixture-of-experts) models in PyTorch, on CPU or CUDA.",
+        epilog="Run 'kimiq COMMAND --help' for a command's options.",
+    )
+    from kimiq import __version__
+
+    ap.add_argument("--version", action="version", version=f"kimiq {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add, _, help_) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_, description=help_))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][1](args)
+    except (FileNotFoundError, ValueError) as e:  # clear one-line errors for bad input
+        print(f"kimiq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. piped into `head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
