@@ -3,6 +3,8 @@
     kimiq generate [-m DIR] -p "def fibonacci(n):"     continue a prompt (streamed; tok/s at the end)
     kimiq chat     [-m DIR] [-p "one-shot question"]   multi-turn chat; the model state is kept across turns
     kimiq verify   DIR                                  SHA256SUMS + tensor inventory against config.json
+    kimiq train    --preset default                     rebuild the embedded default model (seeded, resumable)
+    kimiq eval bpb [-m DIR]                             held-out bits per byte next to xz -9e
 
 Without ``--model`` the embedded default model is used.  Each subcommand has ``add_args(p)``
 and ``run(args)``; this module only wires them up.
@@ -179,10 +181,74 @@ def _verify(args) -> int:
     return 0 if report.ok else 1
 
 
+# ---------------------------------------------------------------------------------------------- train
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="default", help="default (the embedded model, ~1 h on 2 CPU cores) or "
+                   "smoke (a seconds-long run of the same pipeline)")
+    p.add_argument("--work-dir", default=None, help="tokenizer, token caches, ckpt.pt and log.jsonl "
+                   "(default: runs/PRESET); re-running resumes from what is there")
+    p.add_argument("--out", default=None, help="where the finished model is written in HF layout "
+                   "(default: WORK_DIR/model)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--steps", type=int, default=None, help="stop at this step (schedule unchanged; no export "
+                   "unless the preset's last step is reached)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+
+
+def _train(args) -> int:
+    import torch
+
+    from kimiq.train.trainer import PRESETS, run_training
+
+    if args.preset not in PRESETS:
+        raise ValueError(f"unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = args.work_dir or f"runs/{args.preset}"
+    out = args.out or f"{work}/model"
+    res = run_training(PRESETS[args.preset], work, out, device=args.device, steps=args.steps)
+    print(f"step {res['step']}: first losses {[round(x, 4) for x in res['losses'][:3]]}, "
+          f"last {round(res['losses'][-1], 4) if res['losses'] else None}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- eval
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="metric", required=True, metavar="METRIC")
+    b = sub.add_parser("bpb", help="bits per byte on held-out stdlib files, next to xz -9e on the same bytes",
+                       description="Bits per byte of a model on a split of the running Python's stdlib sources "
+                       "(the default model's held-out data), with xz -9e's on the same files.")
+    b.add_argument("--split", choices=("test", "validation", "train"), default="test")
+    b.add_argument("--limit", type=int, default=None, help="only the first N files of the split")
+    b.add_argument("--window", type=int, default=512, help="tokens per forward; state carries across (default 512)")
+    b.add_argument("--max-context", type=int, default=None, help="fresh state every N tokens (default: the whole "
+                   "file is context)")
+    _add_model_args(b)
+
+
+def _eval(args) -> int:
+    import platform
+
+    from kimiq.eval.bpb import heldout_bpb
+    from kimiq.train.data import read_source, split_files
+
+    model, tok = _load(args)
+    files = [(r, t) for r, f in split_files(args.split, limit=args.limit) if (t := read_source(f)) is not None]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(files), desc=f"bpb {args.split}", dynamic_ncols=True)
+    report = heldout_bpb(model, tok, files, window=args.window, max_context=args.max_context, progress=lambda _: bar.update(1))
+    bar.close()
+    print(f"stdlib {args.split} split, Python {platform.python_version()}: {report}")
+    return 0
+
+
 COMMANDS = {
     "generate": (_generate_args, _generate, "continue a prompt with a model (streamed)"),
     "chat": (_chat_args, _chat, "chat with a model; the state is kept between turns"),
     "verify": (_verify_args, _verify, "check a checkpoint's SHA256SUMS and tensor inventory"),
+    "eval": (_eval_args, _eval, "measure a model: bpb (bits per byte on held-out text vs xz)"),
+    "train": (_train_args, _train, "rebuild the tokenizer and a small Kimi-Linear from the stdlib sources (seeded)"),
 }
 
 

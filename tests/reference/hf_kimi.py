@@ -25,12 +25,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from kimiq.train.trainer import default_hf_config
+
 __all__ = [
     "TINY", "TWO_MLA_TWO_DENSE", "PRESETS", "layer_schedule", "expected_names", "build_hf_model",
     "to_original_state_dict", "write_checkpoint", "build_hf_checkpoint", "load_hf_model", "hf_logits", "hf_greedy",
 ]  # fmt: skip
 
 # --------------------------------------------------------------------------------------------------- presets
+
 # peers.md §1: 4 layers (KDA, KDA, KDA, MLA); layer 0 dense, 1-3 MoE (8 experts, top-2, 1 group).
 TINY: dict = {
     "architectures": ["KimiLinearForCausalLM"], "model_type": "kimi_linear",
@@ -63,7 +66,10 @@ TWO_MLA_TWO_DENSE: dict = {
     "first_k_dense_replace": 2, "num_expert_group": 4, "topk_group": 2,
 }  # fmt: skip
 
-PRESETS = {"TINY": TINY, "TWO_MLA_TWO_DENSE": TWO_MLA_TWO_DENSE}
+# The embedded default model's config (kimiq train --preset default), random weights, fp32.
+DEFAULT_MODEL: dict = {**default_hf_config(4096), "torch_dtype": "float32"}
+
+PRESETS = {"TINY": TINY, "TWO_MLA_TWO_DENSE": TWO_MLA_TWO_DENSE, "DEFAULT_MODEL": DEFAULT_MODEL}
 
 
 # --------------------------------------------------------------------------------------------------- names
