@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from kimiq.generate.engine import FINISH_STOP, GenerationStats, generate_tokens, prefill
+from kimiq.generate.engine import FINISH_STOP, GenerationStats, _sync, generate_tokens, prefill
 from kimiq.generate.sampling import SamplingParams, make_generator
 
 __all__ = ["GenerationResult", "ChatSession", "generate_text", "default_stop_ids", "FINISH_STOP_STRING"]
@@ -289,8 +289,7 @@ class ChatSession:
         result = GenerationResult()
         t0 = time.perf_counter()
         self._feed(todo[:-1])  # the stats count this prefill too (the last prompt token goes through _stream)
-        if self.model.device.type == "cuda":
-            torch.cuda.synchronize(self.model.device)
+        _sync(self.model.device)
         result.stats.prefill_tokens += len(todo) - 1
         result.stats.prefill_seconds += time.perf_counter() - t0
         self._snap, self._snap_len = self.state.snapshot(), len(self.tokens)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from kimiq.config import ModelConfig
+from kimiq.generate.engine import _sync
 
 __all__ = ["Preset", "PRESETS", "run_training", "train_tokenizer", "export_model", "default_hf_config"]
 
@@ -291,8 +292,7 @@ def run_training(preset: Preset, work_dir: str | Path, out_dir: str | Path | Non
             imbalance = counter.update_bias(preset.bias_rate)
             step += 1
             losses.append(loss.item())
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            _sync(torch.device(device))
             tps = tok_per_step / (time.perf_counter() - t0)
             rec: dict[str, Any] = {"step": step, "loss": round(losses[-1], 6), "lr": lr, "grad_norm": round(gnorm, 4),
                                    "max_load": round(imbalance, 3), "tok_s": round(tps, 1)}
