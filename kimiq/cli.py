@@ -13,6 +13,7 @@ and ``run(args)``; this module only wires them up.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 __all__ = ["main"]
@@ -183,7 +184,7 @@ def _verify(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- train
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="default", help="default (the embedded model, ~1 h on 2 CPU cores) or "
+    p.add_argument("--preset", default="default", help="default (the embedded model, ~75 min on 2 CPU cores) or "
                    "smoke (a seconds-long run of the same pipeline)")
     p.add_argument("--work-dir", default=None, help="tokenizer, token caches, ckpt.pt and log.jsonl "
                    "(default: runs/PRESET); re-running resumes from what is there")
@@ -193,6 +194,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="stop at this step (schedule unchanged; no export "
                    "unless the preset's last step is reached)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--amp", choices=("bf16", "fp32"), default=None, help="override the preset's matmul precision "
+                   "(default preset: bf16 autocast; use fp32 on CPUs without AVX512-BF16/AMX, where bf16 is slow)")
+    p.add_argument("--kda-impl", choices=("torch", "compile"), default=None, help="override the preset's KDA "
+                   "implementation (default preset: compile, which needs a C++ compiler for inductor)")
 
 
 def _train(args) -> int:
@@ -206,7 +211,12 @@ def _train(args) -> int:
         torch.set_num_threads(args.threads)
     work = args.work_dir or f"runs/{args.preset}"
     out = args.out or f"{work}/model"
-    res = run_training(PRESETS[args.preset], work, out, device=args.device, steps=args.steps)
+    preset = PRESETS[args.preset]
+    if args.amp is not None:
+        preset = dataclasses.replace(preset, amp=None if args.amp == "fp32" else args.amp)
+    if args.kda_impl is not None:
+        preset = dataclasses.replace(preset, kda_impl=args.kda_impl)
+    res = run_training(preset, work, out, device=args.device, steps=args.steps)
     print(f"step {res['step']}: first losses {[round(x, 4) for x in res['losses'][:3]]}, "
           f"last {round(res['losses'][-1], 4) if res['losses'] else None}", file=sys.stderr)
     return 0

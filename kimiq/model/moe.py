@@ -73,15 +73,13 @@ class Experts(nn.Module):
         xs = x.index_select(0, token_of)  # [N*k, D] grouped by expert
         ws = weights.reshape(-1).index_select(0, order)  # [N*k] fp32
         out = torch.zeros_like(x)
-        start = 0
-        for e, cnt in enumerate(counts):
-            if cnt == 0:
+        # split, not xs[start:start + cnt]: a slice's backward zero-fills a full [N*k, D] gradient per expert
+        for e, (xe, we, te) in enumerate(zip(xs.split(counts), ws.split(counts), token_of.split(counts))):
+            if xe.shape[0] == 0:
                 continue
-            sl = slice(start, start + cnt)
-            h = F.silu(xs[sl] @ self.w1[e].t()) * (xs[sl] @ self.w3[e].t())
-            y = (h @ self.w2[e].t()) * ws[sl, None]
-            out.index_add_(0, token_of[sl], y.to(out.dtype))
-            start += cnt
+            h = F.silu(xe @ self.w1[e].t()) * (xe @ self.w3[e].t())
+            y = (h @ self.w2[e].t()) * we[:, None]
+            out.index_add_(0, te, y.to(out.dtype))
         return out
 
 
