@@ -184,7 +184,7 @@ def _verify(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- train
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="default", help="default (the embedded model, ~75 min on 2 CPU cores) or "
+    p.add_argument("--preset", default="default", help="default (the embedded model, ~90 min on 2 CPU cores) or "
                    "smoke (a seconds-long run of the same pipeline)")
     p.add_argument("--work-dir", default=None, help="tokenizer, token caches, ckpt.pt and log.jsonl "
                    "(default: runs/PRESET); re-running resumes from what is there")
