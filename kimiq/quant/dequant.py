@@ -18,6 +18,8 @@ BLOCK = {
     "q8_0": (32, 34),
     "q4_0": (32, 18),
     "mxfp4": (32, 17),
+    "q5_0": (32, 22),
+    "q5_1": (32, 24),
     "q2_k": (256, 84),
     "q3_k": (256, 110),
     "q4_k": (256, 144),
@@ -51,6 +53,21 @@ def _mxfp4(b):
     half = torch.ldexp(torch.ones_like(e, dtype=torch.float32), e - 128)  # 2^(e-128); e < 2 are fp32 denormals
     kv = torch.tensor(_KV_MXFP4, dtype=torch.float32, device=b.device)
     return kv[_halves(b[:, 1:]).long()] * half[:, None]
+
+
+def _q5_codes(b: torch.Tensor, off: int) -> torch.Tensor:
+    """Q5_0/Q5_1 5-bit codes [N, 32] from qh at b[:, off:off+4] and qs after it."""
+    qh = b[:, off:off + 4].contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # [N, 1]
+    bits = (qh >> torch.arange(32, device=b.device)) & 1  # [N, 32]
+    return _halves(b[:, off + 4:off + 20]).to(torch.int64) | (bits << 4)
+
+
+def _q5_0(b):
+    return _f16(b[:, :2])[:, None] * (_q5_codes(b, 2).to(torch.float32) - 16)
+
+
+def _q5_1(b):
+    return _f16(b[:, :2])[:, None] * _q5_codes(b, 4).to(torch.float32) + _f16(b[:, 2:4])[:, None]
 
 
 def _crumbs(qs: torch.Tensor) -> torch.Tensor:
@@ -117,7 +134,7 @@ def _q6_k(b):
     return (scale[..., None] * q.reshape(-1, 16, 16).to(torch.float32)).reshape(-1, 256)
 
 
-DEQUANTIZERS = {"q8_0": _q8_0, "q4_0": _q4_0, "mxfp4": _mxfp4, "q2_k": _q2_k, "q3_k": _q3_k, "q4_k": _q4_k,
+DEQUANTIZERS = {"q8_0": _q8_0, "q4_0": _q4_0, "mxfp4": _mxfp4, "q5_0": _q5_0, "q5_1": _q5_1, "q2_k": _q2_k, "q3_k": _q3_k, "q4_k": _q4_k,
                 "q5_k": _q5_k, "q6_k": _q6_k}
 
 

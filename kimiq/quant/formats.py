@@ -4,7 +4,7 @@ A format turns one 2-D weight ``W [out, in]`` into the tensors stored for it in 
 (``parts``: suffix -> tensor, the suffix appended to the module path) and back:
 
 * ``f32`` / ``f16`` / ``bf16``: ``{"weight": W}`` in that dtype (passthrough).
-* GGUF blocks ``q8_0 q4_0 mxfp4 q2_k q3_k q4_k q5_k q6_k``: ``{"weight": uint8 [out, in/blk*bytes]}``,
+* GGUF blocks ``q8_0 q4_0 q5_0 q5_1 mxfp4 q2_k q3_k q4_k q5_k q6_k``: ``{"weight": uint8 [out, in/blk*bytes]}``,
   each row exactly the bytes llama.cpp writes for it (``kimiq.quant.ggml`` / ``kquants``).
 * mlx ``affine{2,3,4,5,6,8}-g{32,64,128}``: ``{"weight": uint32 codes, "scales", "biases"}`` as mlx-lm
   stores them; ``mxfp4-mlx``: ``{"weight": uint32 codes, "scales": uint8 E8M0}``.
@@ -129,6 +129,8 @@ def _build() -> dict[str, Format]:
         _gguf("q8_0", ggml.quantize_q8_0, None, "GGUF Q8_0: int8 + f16 scale per 32"),
         _gguf("q4_0", ggml.quantize_q4_0, kquants_imatrix.quantize_q4_0_w, "GGUF Q4_0: 4-bit + f16 scale per 32"),
         _gguf("mxfp4", ggml.quantize_mxfp4, None, "MXFP4 (E2M1 + E8M0 per 32), GGUF layout, OCP/llama.cpp scale"),
+        _gguf("q5_0", ggml.quantize_q5_0, kquants_imatrix.quantize_q5_0_w, "GGUF Q5_0: 5-bit + f16 scale per 32"),
+        _gguf("q5_1", ggml.quantize_q5_1, kquants_imatrix.quantize_q5_1_w, "GGUF Q5_1: 5-bit + f16 scale, min per 32"),
         _gguf("q2_k", kquants.quantize_q2_k, kquants_imatrix.quantize_q2_k_w, "GGUF Q2_K"),
         _gguf("q3_k", kquants.quantize_q3_k, kquants_imatrix.quantize_q3_k_w, "GGUF Q3_K"),
         _gguf("q4_k", kquants.quantize_q4_k, kquants_imatrix.quantize_q4_k_w, "GGUF Q4_K"),

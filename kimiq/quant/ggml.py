@@ -12,6 +12,10 @@ Block layouts (``ggml-common.h``), element ``j`` of a 32-block:
 * Q8_0  (34 B): ``f16 d | int8 qs[32]``;                        ``y = qs[j] * d``
 * Q4_0  (18 B): ``f16 d | u8 qs[16]`` low nibble j, high j+16;  ``y = (nibble - 8) * d``
 * MXFP4 (17 B): ``u8 e  | u8 qs[16]`` low nibble j, high j+16;  ``y = KVALUES_MXFP4[nibble] * 2^(e-128)``
+* Q5_0  (22 B): ``f16 d | u8 qh[4] | u8 qs[16]``, 5th bit of element j = bit j of qh; ``y = (q - 16) * d``
+* Q5_1  (24 B): ``f16 d, m | u8 qh[4] | u8 qs[16]``;              ``y = q * d + m``
+
+Q5_0 / Q5_1 are llama.cpp's fallbacks for k-quants on rows whose width is not a multiple of 256.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ __all__ = [
     "quantize_q8_0",
     "quantize_q4_0",
     "quantize_mxfp4",
+    "quantize_q5_0",
+    "quantize_q5_1",
     "mxfp4_exponent",
     "pack_halves",
 ]
@@ -132,3 +138,36 @@ def quantize_mxfp4(x: np.ndarray, rule: str = "ocp") -> np.ndarray:
     q = mxfp4_codes(b, e)
     out = np.concatenate([e[:, None], pack_halves(q)], axis=1)
     return out.reshape(rows, -1)
+
+
+def _pack_q5(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """5-bit codes [N, 32] -> (qh [N, 4] little-endian uint32 of 5th bits (bit j = element j), qs [N, 16])."""
+    codes = codes.astype(np.uint32)
+    qh = np.zeros(len(codes), np.uint32)
+    for j in range(32):
+        qh |= ((codes[:, j] & 0x10) >> 4) << j
+    return qh.astype("<u4").view(np.uint8).reshape(-1, 4), pack_halves(codes & 0xF)
+
+
+def quantize_q5_0(x: np.ndarray) -> np.ndarray:
+    """Q5_0 (22 B / 32): ``f16 d | u8 qh[4] | u8 qs[16]``; ``d = max / -16``, ``q = min(31, (int8)(x/d + 16.5))``."""
+    b = _blocks(x, QK)
+    _, mx = _abs_argmax_signed(b)
+    d = (mx / F32(-16)).astype(F32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+    q = np.minimum(np.trunc(b * inv[:, None] + F32(16.5)), F32(31)).astype(np.uint32)
+    qh, qs = _pack_q5(q)
+    return np.concatenate([_f16_bytes(d), qh, qs], axis=1).reshape(x.shape[0], -1)
+
+
+def quantize_q5_1(x: np.ndarray) -> np.ndarray:
+    """Q5_1 (24 B / 32): ``f16 d, m | u8 qh[4] | u8 qs[16]``; ``d = (max-min)/31``, ``q = (uint8)((x-min)/d + 0.5)``."""
+    b = _blocks(x, QK)
+    mn, mx = b.min(axis=1), b.max(axis=1)
+    d = ((mx - mn) / F32(31)).astype(F32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+    q = np.trunc((b - mn[:, None]) * inv[:, None] + F32(0.5)).astype(np.uint32)
+    qh, qs = _pack_q5(q)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(mn), qh, qs], axis=1).reshape(x.shape[0], -1)

@@ -28,10 +28,10 @@ from .kquants import (
     pack_q5_k,
     superblock_weights,
 )
-from .ggml import pack_halves
+from .ggml import _pack_q5, pack_halves
 
 __all__ = ["make_qp_quants", "quantize_q2_k_w", "quantize_q3_k_w", "quantize_q4_k_w", "quantize_q5_k_w",
-           "quantize_q4_0_w"]
+           "quantize_q4_0_w", "quantize_q5_0_w", "quantize_q5_1_w"]
 
 
 def _u8(v: np.ndarray) -> np.ndarray:
@@ -152,20 +152,45 @@ def quantize_q5_k_w(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     return pack_q5_k(*_q45_k_w(x, qw, 31)).reshape(x.shape[0], -1)
 
 
-def quantize_q4_0_w(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
-    """Q4_0 with importance: ``sigma2 = sum(x^2) / K`` over the whole row, ``make_qx_quants(32, 8)`` per block."""
-    x = np.ascontiguousarray(x, dtype=F32)
+def _row_weights(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """Legacy formats: ``qw * sqrt(sigma2 + x^2)`` with ``sigma2 = sum(x^2) / K`` over the whole row."""
     rows, K = x.shape
     if K % 32:
-        raise ValueError(f"Q4_0 needs K a multiple of 32, got {K}")
+        raise ValueError(f"needs K a multiple of 32, got {K}")
     qw = np.ascontiguousarray(qw, dtype=F32).reshape(-1)
     if qw.shape[0] != K:
         raise ValueError(f"importance weights have {qw.shape[0]} values, the tensor rows have {K}")
     sumx2 = np.zeros(rows, F32)
     for j in range(K):
         sumx2 = sumx2 + x[:, j] * x[:, j]
-    sigma2 = sumx2 / F32(K)
-    w = qw[None, :] * np.sqrt(sigma2[:, None] + x * x)
+    return qw[None, :] * np.sqrt((sumx2 / F32(K))[:, None] + x * x)
+
+
+def quantize_q4_0_w(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """Q4_0 with importance: ``make_qx_quants(32, 8)`` per block, no re-quantization."""
+    x = np.ascontiguousarray(x, dtype=F32)
+    w = _row_weights(x, qw)
     d, L = make_qx_quants(x.reshape(-1, 32), 8, rmse_type=1, qw=w.reshape(-1, 32))
     d16 = _f16(d).astype("<f2").view(np.uint8).reshape(-1, 2)
-    return np.concatenate([d16, pack_halves(L.astype(np.uint8))], 1).reshape(rows, -1)
+    return np.concatenate([d16, pack_halves(L.astype(np.uint8))], 1).reshape(x.shape[0], -1)
+
+
+def quantize_q5_0_w(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """Q5_0 with importance: ``make_qx_quants(32, 16)`` per block."""
+    x = np.ascontiguousarray(x, dtype=F32)
+    w = _row_weights(x, qw)
+    d, L = make_qx_quants(x.reshape(-1, 32), 16, rmse_type=1, qw=w.reshape(-1, 32))
+    qh, qs = _pack_q5(L.astype(np.uint32))
+    d16 = _f16(d).astype("<f2").view(np.uint8).reshape(-1, 2)
+    return np.concatenate([d16, qh, qs], 1).reshape(x.shape[0], -1)
+
+
+def quantize_q5_1_w(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """Q5_1 with importance: ``make_qkx3_quants(32, 31, rmin=-0.9, rdelta=0.05, nstep=36)`` per block."""
+    x = np.ascontiguousarray(x, dtype=F32)
+    w = _row_weights(x, qw)
+    d, the_min, L = make_qkx2_quants(x.reshape(-1, 32), w.reshape(-1, 32), 31, -0.9, 0.05, 36, False)
+    qh, qs = _pack_q5(L.astype(np.uint32))
+    d16 = _f16(d).astype("<f2").view(np.uint8).reshape(-1, 2)
+    m16 = _f16(-the_min).astype("<f2").view(np.uint8).reshape(-1, 2)
+    return np.concatenate([d16, m16, qh, qs], 1).reshape(x.shape[0], -1)

@@ -14,8 +14,8 @@ from kimiq.quant.dequant import BLOCK
 
 from .ggml_oracle import oracle
 
-GGUF = list(BLOCK)  # q8_0 q4_0 mxfp4 q2_k q3_k q4_k q5_k q6_k
-WEIGHTED = ["q4_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]  # formats whose bytes depend on an imatrix
+GGUF = list(BLOCK)  # q8_0 q4_0 mxfp4 q5_0 q5_1 q2_k q3_k q4_k q5_k q6_k
+WEIGHTED = ["q4_0", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]  # formats whose bytes depend on an imatrix
 DEFAULT = Path(__file__).resolve().parents[2] / "kimiq" / "assets" / "default" / "model.safetensors"
 
 
@@ -105,7 +105,7 @@ def test_against_gguf_package(name):
         # dequantize: ours (torch) == gguf's numpy reference, exactly
         np.testing.assert_array_equal(fmt.dequantize({"weight": packed}, x.shape).numpy(),
                                       gq.dequantize(packed.numpy(), qtype))
-        if name in ("q8_0", "q4_0", "mxfp4"):  # the ones gguf-py can quantize
+        if name in ("q8_0", "q4_0", "q5_0", "q5_1", "mxfp4"):  # the ones gguf-py can quantize
             np.testing.assert_array_equal(packed.numpy(), gq.quantize(x, qtype))
 
 
@@ -154,7 +154,7 @@ def test_affine_and_mxfp4_equal_mlx(dtype):
 # default model's heavier tails cost ~10% over Gaussian rows.
 REL_RMSE_BOUND = {
     "f32": 0.0, "f16": 3e-4, "bf16": 2.2e-3,
-    "q8_0": 0.0075, "q4_0": 0.115, "mxfp4": 0.15, "mxfp4-mlx": 0.16,
+    "q8_0": 0.0075, "q4_0": 0.115, "q5_0": 0.058, "q5_1": 0.05, "mxfp4": 0.15, "mxfp4-mlx": 0.16,
     "q2_k": 0.39, "q3_k": 0.19, "q4_k": 0.095, "q5_k": 0.047, "q6_k": 0.023,
     "affine2-g32": 0.46, "affine2-g64": 0.55, "affine2-g128": 0.63,
     "affine3-g32": 0.23, "affine3-g64": 0.26, "affine3-g128": 0.30,
