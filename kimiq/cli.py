@@ -5,6 +5,7 @@
     kimiq verify   DIR                                  SHA256SUMS + tensor inventory against config.json
     kimiq train    --preset default                     rebuild the embedded default model (seeded, resumable)
     kimiq eval bpb [-m DIR]                             held-out bits per byte next to xz -9e
+    kimiq quantize [-m DIR] -r q4_k_m -o OUT            quantize a checkpoint (--list: the recipes)
 
 Without ``--model`` the embedded default model is used.  Each subcommand has ``add_args(p)``
 and ``run(args)``; this module only wires them up.
@@ -253,12 +254,56 @@ def _eval(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- quantize
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", metavar="DIR", help="full-precision checkpoint (default: the embedded model)")
+    p.add_argument("-r", "--recipe", metavar="NAME|FILE", help="a built-in recipe (see --list) or a JSON recipe "
+                   'file {"default": FORMAT, "rules": [{"match": REGEX, "format": FORMAT}, ...]}')
+    p.add_argument("-o", "--out", metavar="DIR", help="output directory (written atomically)")
+    p.add_argument("--imatrix", metavar="FILE", help="importance matrix (safetensors: checkpoint tensor name -> "
+                   "[in] mean squared activation per input column); used by the k-quants, Q4_0, Q5_0/1")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--list", action="store_true", help="print the built-in recipes with bits per weight (on the "
+                   "chosen model) and the formats, then exit")
+
+
+def _quantize(args) -> int:
+    from kimiq import default_model_path
+    from kimiq.config import ModelConfig
+    from kimiq.quant.formats import FORMATS
+    from kimiq.quant.recipes import RECIPES, plan_bytes
+
+    src = args.model or str(default_model_path())
+    if args.list:
+        cfg = ModelConfig.from_file(src)
+        print(f"recipes (bits per weight on {src}, all tensors counted):")
+        for name, r in RECIPES.items():
+            b, n = plan_bytes(cfg, r.plan(cfg))
+            print(f"  {name:<12} {8 * b / n:6.3f} bpw  {r.doc}")
+        print("formats:")
+        for name, f in FORMATS.items():
+            print(f"  {name:<13} {f.bits_per_weight:7.4f} bpw  {f.doc}")
+        return 0
+    if not args.recipe or not args.out:
+        raise ValueError("--recipe and --out are required (or --list)")
+    imatrix = None
+    if args.imatrix:
+        from safetensors.torch import load_file
+
+        imatrix = load_file(args.imatrix)
+    from kimiq.quant.checkpoint import quantize_checkpoint
+
+    quantize_checkpoint(src, args.recipe, args.out, imatrix=imatrix, overwrite=args.overwrite)
+    return 0
+
+
 COMMANDS = {
     "generate": (_generate_args, _generate, "continue a prompt with a model (streamed)"),
     "chat": (_chat_args, _chat, "chat with a model; the state is kept between turns"),
     "verify": (_verify_args, _verify, "check a checkpoint's SHA256SUMS and tensor inventory"),
     "eval": (_eval_args, _eval, "measure a model: bpb (bits per byte on held-out text vs xz)"),
     "train": (_train_args, _train, "rebuild the tokenizer and a small Kimi-Linear from the stdlib sources (seeded)"),
+    "quantize": (_quantize_args, _quantize, "quantize a checkpoint with a recipe (GGUF k-quants, MXFP4, mlx affine)"),
 }
 
 
@@ -281,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
-    except (FileNotFoundError, ValueError) as e:  # clear one-line errors for bad input
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:  # clear one-line errors for bad input
         print(f"kimiq {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. piped into `head`

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "KDAConfig", "MLAConfig", "MoEConfig", "ModelConfig", "IGNORED_KEYS"]
+__all__ = ["KIMI_LINEAR_48B_HF", "ConfigError", "KDAConfig", "MLAConfig", "MoEConfig", "ModelConfig", "IGNORED_KEYS"]
 
 
 class ConfigError(ValueError):
@@ -377,3 +377,20 @@ TINY_HF: dict[str, Any] = {
     "use_cache": True, "torch_dtype": "float32",
 }  # fmt: skip
 
+# moonshotai/Kimi-Linear-48B-A3B-Instruct config.json, architecture fields (kimi-linear-architecture.md §1):
+# the memory planner and the recipe size checks use it; nothing downloads it.
+KIMI_LINEAR_48B_HF: dict[str, Any] = {
+    "architectures": ["KimiLinearForCausalLM"], "model_type": "kimi_linear", "dtype": "bfloat16",
+    "vocab_size": 163840, "hidden_size": 2304, "head_dim": 72, "hidden_act": "silu", "intermediate_size": 9216,
+    "moe_intermediate_size": 1024, "num_hidden_layers": 27, "num_attention_heads": 32, "num_key_value_heads": 32,
+    "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "mla_use_nope": True, "rope_theta": 10000.0, "rope_scaling": None, "model_max_length": 1048576,
+    "linear_attn_config": {"kda_layers": [1, 2, 3, 5, 6, 7, 9, 10, 11, 13, 14, 15, 17, 18, 19, 21, 22, 23, 25, 26],
+                           "full_attn_layers": [4, 8, 12, 16, 20, 24, 27], "num_heads": 32, "head_dim": 128,
+                           "short_conv_kernel_size": 4},
+    "num_experts": 256, "num_experts_per_token": 8, "num_shared_experts": 1, "moe_router_activation_func": "sigmoid",
+    "moe_renormalize": True, "routed_scaling_factor": 2.446, "use_grouped_topk": True, "num_expert_group": 1,
+    "topk_group": 1, "first_k_dense_replace": 1, "moe_layer_freq": 1, "num_nextn_predict_layers": 0,
+    "rms_norm_eps": 1e-05, "tie_word_embeddings": False, "bos_token_id": 163584, "eos_token_id": 163586,
+    "pad_token_id": 163839, "initializer_range": 0.02, "use_cache": True,
+}  # fmt: skip

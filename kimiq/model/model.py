@@ -86,13 +86,14 @@ class KimiLinearForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     # ------------------------------------------------------------------ dtype / device
+    # read off the final norm: never quantized, unlike the embedding kimiq.quant may swap out
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def to_dtype(self, dtype: torch.dtype) -> "KimiLinearForCausalLM":
         """Cast floating parameters to ``dtype`` except those that stay fp32 (``keep_fp32``)."""

@@ -43,7 +43,8 @@ __all__ = ["CheckpointError", "VerifyReport", "checkpoint_inventory", "load_mode
 
 INDEX_FILE, SINGLE_FILE, SUMS_FILE = "model.safetensors.index.json", "model.safetensors", "SHA256SUMS"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_ST_NAME = {dt: name for name, dt in _DTYPES.items()}
+_QDTYPES = {"U8": torch.uint8, "I32": torch.int32}  # packed quantized parts (kimiq.quant)
+_ST_NAME = {dt: name for name, dt in (_DTYPES | _QDTYPES).items()}
 _EXPERT_ROW = re.compile(r"^(.*\.experts)\.(\d+)\.(w[123])\.weight$")
 _EXPERT_STACK = re.compile(r"^(.*\.experts)\.(w[123])$")
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit
@@ -137,7 +138,7 @@ def _read_header(path: Path) -> tuple[dict[str, _Entry] | None, list[tuple[str, 
             return None, [("corrupt", f"{f}: unreadable safetensors header ({type(e).__name__}: {e})")]
     problems, pos, cut = [], 8 + n, []
     for k, e in sorted(entries.items(), key=lambda kv: (kv[1].start, kv[1].end)):
-        item = _DTYPES[e.dtype].itemsize if e.dtype in _DTYPES else None
+        item = (_DTYPES | _QDTYPES)[e.dtype].itemsize if e.dtype in _DTYPES | _QDTYPES else None
         if e.start != pos or (item is not None and e.end - e.start != math.prod(e.shape) * item):
             problems.append(("corrupt", f"{f}: tensor {k!r} has inconsistent data_offsets (corrupt header)"))
         cut += [(k, e.end)] if e.end > size else []
@@ -151,9 +152,17 @@ def _read_header(path: Path) -> tuple[dict[str, _Entry] | None, list[tuple[str, 
     return entries, problems
 
 
-def _scan(root: Path, cfg: ModelConfig) -> tuple[dict[str, tuple[str, _Entry]], list[tuple[str, str]]]:
-    """Locate every inventory tensor from headers only: ({name: (shard, entry)}, [(kind, message)])."""
-    inv = checkpoint_inventory(cfg)
+def _scan(
+    root: Path, cfg: ModelConfig, expected: dict[str, tuple[tuple[int, ...], frozenset[str]]] | None = None,
+) -> tuple[dict[str, tuple[str, _Entry]], list[tuple[str, str]]]:  # fmt: skip
+    """Locate every expected tensor from headers only: ({name: (shard, entry)}, [(kind, message)]).
+
+    ``expected``: name -> (shape, allowed safetensors dtypes); default the config's inventory in float dtypes
+    (a quantized checkpoint passes its packed parts, ``kimiq.quant.checkpoint``).
+    """
+    if expected is None:
+        expected = {k: (v, frozenset(_DTYPES)) for k, v in checkpoint_inventory(cfg).items()}
+    inv = {k: v[0] for k, v in expected.items()}
     problems: list[tuple[str, str]] = []
     if (root / INDEX_FILE).is_file():
         src = INDEX_FILE
@@ -192,8 +201,9 @@ def _scan(root: Path, cfg: ModelConfig) -> tuple[dict[str, tuple[str, _Entry]], 
         elif ent.shape != inv[name]:
             got, want = list(ent.shape), list(inv[name])
             problems.append(("shape", f"tensor {name!r} in {f} has shape {got}, expected {want}"))
-        elif ent.dtype not in _DTYPES:
-            problems.append(("dtype", f"tensor {name!r} in {f} has dtype {ent.dtype}; expected one of {list(_DTYPES)}"))
+        elif ent.dtype not in expected[name][1]:
+            want = sorted(expected[name][1])
+            problems.append(("dtype", f"tensor {name!r} in {f} has dtype {ent.dtype}; expected one of {want}"))
         else:
             loc[name] = (f, ent)
     for name in inv:
@@ -235,6 +245,10 @@ def load_model(
     root = Path(path)
     cfg = ModelConfig.from_file(root)
     target = _as_dtype(dtype if dtype is not None else cfg.dtype)
+    if quantization_config(root) is not None:
+        from kimiq.quant.checkpoint import load_quantized
+
+        return load_quantized(root, cfg, dtype=target, device=device, kda_impl=kda_impl, strict=strict)
     loc, problems = _scan(root, cfg)
     fatal = [msg for kind, msg in problems if strict or kind != "unexpected"]
     if fatal:
@@ -270,6 +284,18 @@ def load_model(
     if left:
         raise CheckpointError(f"checkpoint {root}: parameters not filled: {left[:_SHOW]}")
     return model.eval()
+
+
+def quantization_config(root: Path) -> dict | None:
+    """config.json's ``quantization_config`` when it is kimiq's own (``quant_method: "kimiq"``), else None."""
+    qc = json.loads((Path(root) / "config.json").read_text()).get("quantization_config")
+    if qc is None:
+        return None
+    if not isinstance(qc, dict) or qc.get("quant_method") != "kimiq":
+        method = qc.get("quant_method") if isinstance(qc, dict) else qc
+        raise CheckpointError(f"checkpoint {root}: quantization_config with quant_method {method!r} is not loadable "
+                              "directly; convert it with `kimiq quantize` (compressed-tensors) first")
+    return qc
 
 
 def _check_mapping(cfg: ModelConfig, slots: dict[str, tuple[torch.Tensor, bool]]) -> None:
@@ -473,7 +499,17 @@ def verify_checkpoint(path: str | Path) -> VerifyReport:
     except ConfigError as e:
         rep.problems.append(f"config.json: {e}")
         return rep
-    loc, problems = _scan(root, cfg)
+    expected = None
+    try:
+        qc = quantization_config(root)
+    except CheckpointError as e:
+        rep.problems.append(str(e))
+        return rep
+    if qc is not None:
+        from kimiq.quant.checkpoint import expected_tensors
+
+        expected = expected_tensors(cfg, qc.get("formats", {}))
+    loc, problems = _scan(root, cfg, expected)
     rep.n_tensors = len(loc)
     rep.problems += [msg for _, msg in problems]
     return rep

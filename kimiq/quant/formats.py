@@ -40,7 +40,12 @@ class Format:
     block: int
     _quantize: Callable[[torch.Tensor, np.ndarray | None], Parts]
     _dequantize: Callable[[Parts, tuple[int, int]], torch.Tensor]
+    _layout: Callable[[tuple[int, int], torch.dtype], dict[str, tuple[tuple[int, ...], torch.dtype]]]
     doc: str = ""
+
+    def layout(self, shape: tuple[int, int], dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """suffix -> (shape, dtype) of the stored parts of a ``shape`` weight whose checkpoint dtype is ``dtype``."""
+        return self._layout(tuple(shape), dtype)
 
     def supports(self, shape: tuple[int, ...]) -> bool:
         return len(shape) == 2 and shape[1] % self.block == 0
@@ -73,7 +78,8 @@ def _float(name: str, dtype: torch.dtype) -> Format:
     def dq(parts, shape):
         return parts["weight"].to(torch.float32).view(shape)
 
-    return Format(name, "float", torch.finfo(dtype).bits, 1, q, dq, f"{name} passthrough")
+    return Format(name, "float", torch.finfo(dtype).bits, 1, q, dq, lambda shape, dt: {"weight": (shape, dtype)},
+                  f"{name} passthrough")
 
 
 def _np32(w: torch.Tensor) -> np.ndarray:
@@ -91,7 +97,10 @@ def _gguf(name: str, ref: Callable, weighted: Callable | None, doc: str) -> Form
     def dq(parts, shape):
         return dequantize_gguf(name, parts["weight"]).view(shape)
 
-    return Format(name, "gguf", nbytes * 8 / qk, qk, q, dq, doc)
+    def layout(shape, dt):
+        return {"weight": ((shape[0], shape[1] // qk * nbytes), torch.uint8)}
+
+    return Format(name, "gguf", nbytes * 8 / qk, qk, q, dq, layout, doc)
 
 
 def _affine(bits: int, group: int) -> Format:
@@ -102,7 +111,11 @@ def _affine(bits: int, group: int) -> Format:
     def dq(parts, shape):
         return affine.dequantize_affine(parts["weight"], parts["scales"], parts["biases"], bits, group).view(shape)
 
-    return Format(f"affine{bits}-g{group}", "mlx", bits + 32 / group, group, q, dq,
+    def layout(shape, dt):
+        g = (shape[0], shape[1] // group)
+        return {"weight": ((shape[0], shape[1] * bits // 32), torch.int32), "scales": (g, dt), "biases": (g, dt)}
+
+    return Format(f"affine{bits}-g{group}", "mlx", bits + 32 / group, group, q, dq, layout,
                   f"mlx affine {bits}-bit, group {group}, bf16 scale + bias")
 
 
@@ -118,7 +131,10 @@ def _mxfp4_mlx() -> Format:
         half = torch.ldexp(torch.ones_like(e, dtype=torch.float32), e - 128)
         return (kv[codes].view(shape[0], -1, 32) * half[..., None]).view(shape)
 
-    return Format("mxfp4-mlx", "mlx", 4.25, 32, q, dq, "MXFP4 in mlx's layout with mlx's ceil(log2(amax/6)) scale")
+    def layout(shape, dt):
+        return {"weight": ((shape[0], shape[1] // 8), torch.int32), "scales": ((shape[0], shape[1] // 32), torch.uint8)}
+
+    return Format("mxfp4-mlx", "mlx", 4.25, 32, q, dq, layout, "MXFP4 in mlx's layout with mlx's ceil(log2(amax/6)) scale")
 
 
 def _build() -> dict[str, Format]:

@@ -1,0 +1,203 @@
+"""Quantized modules swapped into a model without touching model code, and the ``quantize`` verb.
+
+* ``QuantLinear`` replaces ``nn.Linear`` (``weight`` stays readable: the dequantized matrix, for code
+  such as MLA's absorbed decode that reads ``kv_b_proj.weight``);
+* ``QuantEmbedding`` replaces ``nn.Embedding`` (gathers packed rows, dequantizes only those);
+* ``QuantExperts`` replaces the stacked ``Experts`` (one format per projection, parts stacked over
+  experts), with the same grouped dispatch.
+
+Packed parts are buffers named ``<leaf>_<suffix>`` (e.g. ``qweight_weight``/``qweight_scales``) so
+``state_dict`` round-trips.  Forward passes here are the *reference* path: dequantize, then matmul
+in the input dtype.  ``quantize(model, recipe)`` quantizes an in-memory model with exactly the bytes
+``kimiq quantize`` writes; tensors inside other modules (the router gate) are replaced by their
+dequantized values, which is what a quantized router computes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimiq.model.layers import MLP  # noqa: F401  (documentation: the modules QuantLinear stands in for)
+from kimiq.model.moe import Experts
+
+from .formats import Format, get_format
+from .recipes import KEEP, Recipe, get_recipe
+
+__all__ = ["QuantLinear", "QuantEmbedding", "QuantExperts", "quantize", "quantized_modules", "Parts"]
+
+Parts = dict[str, torch.Tensor]
+
+
+class _Packed(nn.Module):
+    """Holds one format's parts as buffers ``<prefix>_<suffix>``."""
+
+    def _set_parts(self, prefix: str, parts: Parts) -> None:
+        for k, v in parts.items():
+            self.register_buffer(f"{prefix}_{k}", v)
+
+    def _parts(self, prefix: str) -> Parts:
+        n = len(prefix) + 1
+        return {name[n:]: b for name, b in self.named_buffers(recurse=False) if name.startswith(prefix + "_")}
+
+
+class QuantLinear(_Packed):
+    def __init__(self, fmt: str | Format, in_features: int, out_features: int, parts: Parts,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = dtype
+        self._set_parts("q", parts)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight [out, in] in the compute dtype (reference; costs a full dequantize)."""
+        return self.fmt.dequantize(self._parts("q"), (self.out_features, self.in_features), self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.fmt.dequantize(self._parts("q"), (self.out_features, self.in_features), x.dtype)
+        return F.linear(x, w)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, format={self.fmt.name}"
+
+
+class QuantEmbedding(_Packed):
+    def __init__(self, fmt: str | Format, num_embeddings: int, embedding_dim: int, parts: Parts,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.compute_dtype = dtype
+        self._set_parts("q", parts)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = {k: v.index_select(0, flat) for k, v in self._parts("q").items()}  # every format packs row-wise
+        out = self.fmt.dequantize(rows, (flat.numel(), self.embedding_dim), self.compute_dtype)
+        return out.view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, format={self.fmt.name}"
+
+
+class QuantExperts(_Packed):
+    """Stacked routed experts with packed ``w1`` (gate) / ``w3`` (up) / ``w2`` (down); parts stacked [E, ...]."""
+
+    def __init__(self, fmts: dict[str, str], shapes: dict[str, tuple[int, int]], parts: dict[str, Parts],
+                 num_experts: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.fmts = {k: get_format(v) for k, v in fmts.items()}
+        self.shapes = shapes
+        self.num_experts = num_experts
+        self.compute_dtype = dtype
+        for k in ("w1", "w3", "w2"):
+            self._set_parts(k, parts[k])
+
+    def expert_weight(self, proj: str, e: int, dtype: torch.dtype) -> torch.Tensor:
+        parts = {k: v[e] for k, v in self._parts(proj).items()}
+        return self.fmts[proj].dequantize(parts, self.shapes[proj], dtype)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """As ``Experts.forward``: tokens grouped by expert, one matmul per expert hit."""
+        N, k = idx.shape
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        token_of = order // k
+        xs = x.index_select(0, token_of)
+        ws = weights.reshape(-1).index_select(0, order)
+        out = torch.zeros_like(x)
+        for e, (xe, we, te) in enumerate(zip(xs.split(counts), ws.split(counts), token_of.split(counts))):
+            if xe.shape[0] == 0:
+                continue
+            w1, w3, w2 = (self.expert_weight(p, e, xe.dtype) for p in ("w1", "w3", "w2"))
+            h = F.silu(xe @ w1.t()) * (xe @ w3.t())
+            y = (h @ w2.t()) * we[:, None]
+            out.index_add_(0, te, y.to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, " + ", ".join(f"{k}={f.name}" for k, f in self.fmts.items())
+
+
+def _stack(parts_list: list[Parts]) -> Parts:
+    return {k: torch.stack([p[k] for p in parts_list]) for k in parts_list[0]}
+
+
+def quantized_modules(model: nn.Module, plan: dict[str, str], get_parts, dtype: torch.dtype) -> None:
+    """Swap modules of ``model`` for quantized ones following ``plan`` (checkpoint name -> format).
+
+    ``get_parts(name, fmt) -> Parts`` supplies the packed tensors of a checkpoint tensor (quantizing
+    in memory, or reading from disk).  Tensors of modules without a quantized twin get the
+    dequantized value of their parts (same result as running them quantized).
+    """
+    experts: dict[str, dict] = {}
+    for name, fmt in plan.items():
+        if fmt == KEEP:
+            continue
+        mod_path, _, leaf = name.rpartition(".")
+        if ".experts." in name:  # model.layers.L.block_sparse_moe.experts.E.w1.weight
+            base, e, proj = name.rsplit(".", 3)[0], int(name.rsplit(".", 3)[1]), name.rsplit(".", 3)[2]
+            experts.setdefault(base, {}).setdefault(proj, {})[e] = (fmt, name)
+            continue
+        mod = model.get_submodule(mod_path)
+        if isinstance(mod, nn.Linear) and leaf == "weight" and mod.bias is None:
+            q = QuantLinear(fmt, mod.in_features, mod.out_features, get_parts(name, fmt), dtype)
+        elif isinstance(mod, nn.Embedding) and leaf == "weight":
+            q = QuantEmbedding(fmt, mod.num_embeddings, mod.embedding_dim, get_parts(name, fmt), dtype)
+        else:  # e.g. the router gate: keep a float tensor equal to the dequantized weight
+            old = getattr(mod, leaf)
+            w = get_format(fmt).dequantize(get_parts(name, fmt), tuple(old.shape), torch.float32)
+            setattr(mod, leaf, nn.Parameter(w.to(old.dtype if not old.is_meta else torch.float32), False))
+            continue
+        parent, _, child = mod_path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+    for base, projs in experts.items():
+        mod = model.get_submodule(base)
+        assert isinstance(mod, Experts), base
+        E = mod.w1.shape[0]
+        fmts, shapes, parts = {}, {}, {}
+        for proj in ("w1", "w3", "w2"):
+            shape = tuple(getattr(mod, proj).shape[1:])
+            got = projs.get(proj, {})
+            kinds = {f for f, _ in got.values()}
+            if len(got) != E or len(kinds) != 1:
+                raise ValueError(f"{base}.*.{proj}: all {E} experts of a projection need one format, got "
+                                 f"{len(got)} quantized with {sorted(kinds)}")
+            fmts[proj] = kinds.pop()
+            shapes[proj] = shape
+            parts[proj] = _stack([get_parts(got[e][1], fmts[proj]) for e in range(E)])
+        missing = [p for p in ("w1", "w3", "w2") if p not in projs]
+        if missing:
+            raise ValueError(f"{base}: projections {missing} not quantized; quantize all three or none")
+        parent, _, child = base.rpartition(".")
+        setattr(model.get_submodule(parent), child, QuantExperts(fmts, shapes, parts, E, dtype))
+
+
+def quantize(model: nn.Module, recipe: str | Recipe, imatrix: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Quantize an in-memory Kimi-Linear model in place with ``recipe``; returns it.
+
+    Weights are quantized from their current values (the checkpoint's bf16 values for a loaded
+    model), so the bytes equal what ``kimiq quantize`` writes for the same checkpoint.
+    """
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    cfg = model.config
+    plan = recipe.plan(cfg)
+    sd = {}
+    for n, t in model.state_dict().items():
+        m = n.rsplit(".", 1)
+        if m[0].endswith(".experts") and m[1] in ("w1", "w2", "w3"):
+            sd.update({f"{m[0]}.{e}.{m[1]}.weight": t[e] for e in range(t.shape[0])})
+        else:
+            sd[n] = t
+
+    def get_parts(name: str, fmt: str) -> Parts:
+        qw = imatrix.get(name) if imatrix else None
+        return get_format(fmt).quantize(sd[name].detach().cpu(), qw)
+
+    quantized_modules(model, plan, get_parts, model.dtype)
+    model.quantization_plan = {"recipe": recipe.name, "formats": {k: v for k, v in plan.items() if v != KEEP}}
+    return model
