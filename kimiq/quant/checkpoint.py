@@ -47,6 +47,7 @@ from kimiq.model.weights import (
     quantization_config,
 )
 
+from .compressed import compressed_tensors_config, ct_as_affine, dequantize_int4_ct
 from .formats import get_format
 from .modules import quantized_modules
 from .recipes import KEEP, Recipe, get_recipe, plan_bytes
@@ -76,13 +77,68 @@ def expected_tensors(cfg: ModelConfig, formats: dict[str, str], src_dtypes: dict
     return out
 
 
-def _src_index(root: Path) -> tuple[dict[str, str], list[str]]:
-    if (root / INDEX_FILE).is_file():
-        wm = json.loads((root / INDEX_FILE).read_text())["weight_map"]
-    else:
-        with safe_open(str(root / SINGLE_FILE), "pt") as f:
-            wm = {k: SINGLE_FILE for k in f.keys()}
-    return wm, sorted(set(wm.values()))
+class _Source:
+    """The checkpoint being quantized: full precision, or compressed-tensors INT4 (``kimiq.quant.compressed``).
+
+    ``get(name)`` returns one float tensor (dequantized for INT4 ones); ``int4(name)`` the packed pair.
+    """
+
+    def __init__(self, root: Path, cfg: ModelConfig):
+        self.root, self.cfg = root, cfg
+        self.ct = compressed_tensors_config(root)
+        inv = checkpoint_inventory(cfg)
+        self.packed: set[str] = set()
+        if self.ct is None:
+            loc, problems = _scan(root, cfg)
+        else:  # headers tell which Linears are packed; check those against the INT4 layout
+            loc, problems = _scan(root, cfg, self._ct_expected(inv))
+        if problems:
+            raise CheckpointError(_fmt(root, [m for _, m in problems]))
+        self.loc = loc
+        self.dtype = {n: _DTYPES[loc[n if n not in self.packed else _ct(n, "weight_scale")][1].dtype] for n in inv}
+        self._handles: dict[str, object] = {}
+
+    def _ct_expected(self, inv):
+        from kimiq.model.weights import _read_header
+
+        names = set()
+        for f in self.root.glob("*.safetensors"):
+            names |= set((_read_header(f)[0] or {}).keys())
+        g = self.ct["group_size"]
+        floats = frozenset(_DTYPES)
+        expected = {}
+        for name, shape in inv.items():
+            if name not in names and _ct(name, "weight_packed") in names and len(shape) == 2:
+                self.packed.add(name)
+                expected[_ct(name, "weight_packed")] = ((shape[0], -(-shape[1] // 8)), frozenset({"I32"}))
+                expected[_ct(name, "weight_scale")] = ((shape[0], shape[1] // g), floats)
+                if _ct(name, "weight_shape") in names:
+                    expected[_ct(name, "weight_shape")] = ((2,), frozenset({"I32", "I64"}))
+            else:
+                expected[name] = (shape, floats)
+        return expected
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        f = self.loc[name][0]
+        if f not in self._handles:
+            self._handles[f] = safe_open(str(self.root / f), framework="pt", device="cpu")
+        return self._handles[f].get_tensor(name)
+
+    def int4(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._tensor(_ct(name, "weight_packed")), self._tensor(_ct(name, "weight_scale"))
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self.packed:
+            return dequantize_int4_ct(*self.int4(name), checkpoint_inventory_shape(self.cfg, name))
+        return self._tensor(name)
+
+
+def _ct(name: str, suffix: str) -> str:
+    return name.removesuffix("weight") + suffix
+
+
+def checkpoint_inventory_shape(cfg: ModelConfig, name: str) -> tuple[int, int]:
+    return tuple(checkpoint_inventory(cfg)[name])
 
 
 def quantize_checkpoint(
@@ -94,38 +150,57 @@ def quantize_checkpoint(
     src, out = Path(src), Path(out)
     recipe = get_recipe(recipe) if not isinstance(recipe, Recipe) else recipe
     cfg = ModelConfig.from_file(src)
-    if quantization_config(src) is not None:
+    if compressed_tensors_config(src) is None and quantization_config(src) is not None:
         raise CheckpointError(f"{src} is already quantized; quantize from the full-precision checkpoint")
-    loc, problems = _scan(src, cfg)
-    if problems:
-        raise CheckpointError(_fmt(src, [m for _, m in problems]))
+    source = _Source(src, cfg)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty (pass --overwrite)")
     plan = recipe.plan(cfg)
+    src_dt = source.dtype
+    lossless = {}  # INT4 source tensors the recipe keeps: stored as they are (mlx affine 4-bit layout)
+    for name in source.packed:
+        if plan[name] == KEEP:
+            fmt, _ = ct_as_affine(*source.int4(name), checkpoint_inventory_shape(cfg, name))
+            plan[name] = lossless[name] = fmt
     formats = {k: v for k, v in plan.items() if v != KEEP}
-    src_dt = {name: _DTYPES[e.dtype] for name, (_, e) in loc.items()}
+
+    def produce(name: str) -> dict[str, torch.Tensor]:
+        """The stored parts of one checkpoint tensor (one tensor in memory at a time)."""
+        if name in lossless:
+            return ct_as_affine(*source.int4(name), checkpoint_inventory_shape(cfg, name))[1]
+        w = source.get(name)
+        if plan[name] == KEEP:
+            return {"weight": w}
+        fmt = get_format(plan[name])
+        parts = fmt.quantize(w, imatrix.get(name) if imatrix else None)
+        # float parts (mlx scales / biases) in the checkpoint dtype, also when w came dequantized from INT4
+        layout = fmt.layout(tuple(w.shape), src_dt[name])
+        return {k: v.to(layout[k][1]) if v.is_floating_point() else v for k, v in parts.items()}
+
     # output tensors in inventory order, with their stored shapes and dtypes, known before quantizing anything
     items: list[tuple[str, str, str | None, tuple[int, ...], torch.dtype]] = []  # (stored, source, suffix, ...)
     for name, shape in checkpoint_inventory(cfg).items():
         fmt = plan[name]
         if fmt == KEEP:
-            items.append((name, name, None, shape, src_dt[name]))
+            items.append((name, name, "weight", tuple(shape), src_dt[name]))
         else:
             for suffix, (pshape, pdt) in get_format(fmt).layout(shape, src_dt[name]).items():
                 items.append((_part_name(name, suffix), name, suffix, tuple(pshape), pdt))
     sizes = [torch.Size(s).numel() * dt.itemsize for _, _, _, s, dt in items]
     groups = _plan(sizes, 1, max_shard_bytes)
     total_q, n_params = plan_bytes(cfg, plan)
+    if source.packed:
+        log(f"{src}: compressed-tensors INT4 source ({len(source.packed)} packed tensors, group "
+            f"{source.ct['group_size']}); {len(lossless)} kept losslessly, the rest re-quantized from INT4")
     qc = {"quant_method": "kimiq", "recipe": recipe.name, "recipe_doc": recipe.doc,
+          **({"source": "compressed-tensors pack-quantized INT4"} if source.packed else {}),
           "bits_per_weight": round(8 * total_q / n_params, 4), "imatrix": bool(imatrix), "formats": formats}
     for stale in out.parent.glob(f".{out.name}.tmp-*"):  # leftovers of killed runs
         if not _pid_alive(stale.name.split("-")[-2]):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
-    handles: dict[str, object] = {}
     try:
-        wm_src, _ = _src_index(src)
         bar = tqdm(total=len(plan), desc=f"quantize {recipe.name}", unit="tensor", disable=not progress)
         sums, weight_map = {}, {}
         cache: tuple[str, dict[str, torch.Tensor]] | None = None  # parts of the tensor being written
@@ -145,20 +220,11 @@ def quantize_checkpoint(
                     fh.write(chunk)
                     h.update(chunk)
                 for i in idx:
-                    stored, source, suffix, shape, dt = items[i]
-                    f = wm_src[source]
-                    if f not in handles:
-                        handles[f] = safe_open(str(src / f), framework="pt", device="cpu")
-                    if suffix is None:
-                        t = handles[f].get_tensor(source)
+                    stored, name, suffix, shape, dt = items[i]
+                    if cache is None or cache[0] != name:
+                        cache = (name, produce(name))
                         bar.update(1)
-                    else:
-                        if cache is None or cache[0] != source:
-                            w = handles[f].get_tensor(source)
-                            qw = imatrix.get(source) if imatrix else None
-                            cache = (source, get_format(plan[source]).quantize(w, qw))
-                            bar.update(1)
-                        t = cache[1][suffix]
+                    t = cache[1][suffix]
                     if tuple(t.shape) != shape or t.dtype != dt:
                         raise RuntimeError(f"{stored}: produced {t.dtype} {tuple(t.shape)}, layout said {dt} {shape}"
                                            " (a kimiq bug)")
