@@ -146,3 +146,32 @@ def dequantize_gguf(name: str, packed: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{name}: expected uint8 [rows, n*{nbytes}], got {packed.dtype} {tuple(packed.shape)}")
     blocks = packed.contiguous().view(-1, nbytes)
     return DEQUANTIZERS[name](blocks).reshape(rows, -1)
+
+
+# ----------------------------------------------------------------------------- int4 views for fast kernels
+
+INT4_AFFINE = ("q4_0", "q4_k")  # GGUF formats whose weights are (q - 8) * scale + zero with 4-bit q
+
+
+def gguf_int4_affine(name: str, packed: torch.Tensor, K: int):
+    """Q4_0 / Q4_K rows as 4-bit codes and per-32 affine terms: ``w = (q - 8) * scale + zero``.
+
+    Returns (q int32 [rows, K] in 0..15, scale fp32 [rows, K/32], zero fp32 [rows, K/32]); the form
+    of torch's int4 CPU kernels (``_weight_int4pack_mm_for_cpu``).
+    """
+    rows = packed.shape[0]
+    b = packed.contiguous().view(-1, BLOCK[name][1])
+    if name == "q4_0":
+        q = _halves(b[:, 2:])  # [N, 32]
+        scale = _f16(b[:, :2])[:, None]
+        zero = torch.zeros_like(scale)
+    elif name == "q4_k":
+        d, dmin, s, qs = _f16(b[:, 0:2]), _f16(b[:, 2:4]), b[:, 4:16], b[:, 16:144]
+        sc, m = _scale_min_k4(s)
+        qq = qs.view(-1, 4, 1, 32)
+        q = torch.cat([qq & 0xF, qq >> 4], dim=2).reshape(-1, 256)
+        scale = d[:, None] * sc  # [N, 8]: y = scale * q - dmin * m
+        zero = 8 * scale - dmin[:, None] * m
+    else:
+        raise ValueError(f"{name} has no int4 affine form")
+    return q.reshape(rows, K).to(torch.int32), scale.reshape(rows, -1), zero.reshape(rows, -1)

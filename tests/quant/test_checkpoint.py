@@ -111,3 +111,18 @@ def test_cli_list_and_errors(capsys):
     assert "bpw" in text and "q6_k" in text
     assert main(["quantize", "-r", "nope", "-o", "/tmp/never"]) == 2
     assert "unknown recipe" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_k", "affine4-g32", "affine4-g64", "affine4-g128"])
+def test_fast_int4_linear_matches_reference(fmt):
+    """The packed int4 CPU kernel path == dequantize-then-matmul, within the bf16 activation rounding."""
+    w = torch.randn(128, 512, generator=torch.Generator().manual_seed(1)) * 0.02
+    m = QuantLinear(fmt, 512, 128, formats_mod.get_format(fmt).quantize(w.bfloat16()))
+    x = torch.randn(2, 3, 512, generator=torch.Generator().manual_seed(2))
+    m.use_fast = False
+    ref = m(x)
+    m.use_fast = True
+    for dt, tol in ((torch.float32, 1e-2), (torch.bfloat16, 2e-2)):
+        y = m(x.to(dt))
+        assert m._int4 and y.dtype == dt and y.shape == (2, 3, 128)
+        assert float((y.float() - ref).abs().max() / ref.abs().max()) < tol
