@@ -6,6 +6,7 @@
     kimiq train    --preset default                     rebuild the embedded default model (seeded, resumable)
     kimiq eval bpb [-m DIR]                             held-out bits per byte next to xz -9e
     kimiq quantize [-m DIR] -r q4_k_m -o OUT            quantize a checkpoint (--list: the recipes)
+    kimiq export   [-m DIR] --gguf OUT.gguf             write a GGUF that llama.cpp loads
 
 Without ``--model`` the embedded default model is used.  Each subcommand has ``add_args(p)``
 and ``run(args)``; this module only wires them up.
@@ -297,6 +298,25 @@ def _quantize(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- export
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", metavar="DIR", help="kimiq checkpoint, full precision or quantized "
+                   "(default: the embedded model)")
+    p.add_argument("--gguf", metavar="FILE", required=True, help="output .gguf (arch kimi-linear, tokenizer "
+                   "included; written atomically)")
+    p.add_argument("--type", default="auto", metavar="TYPE", help="f32 | f16 | bf16 | a GGUF recipe (q8_0, "
+                   "q4_k_m, q5_k_m, q3_k_s, q2_k, mxfp4_moe) | auto: a quantized checkpoint's own blocks, else f32 "
+                   "(default: auto)")
+
+
+def _export(args) -> int:
+    from kimiq import default_model_path
+    from kimiq.export.gguf import export_gguf
+
+    export_gguf(args.model or default_model_path(), args.gguf, outtype=args.type)
+    return 0
+
+
 COMMANDS = {
     "generate": (_generate_args, _generate, "continue a prompt with a model (streamed)"),
     "chat": (_chat_args, _chat, "chat with a model; the state is kept between turns"),
@@ -304,6 +324,7 @@ COMMANDS = {
     "eval": (_eval_args, _eval, "measure a model: bpb (bits per byte on held-out text vs xz)"),
     "train": (_train_args, _train, "rebuild the tokenizer and a small Kimi-Linear from the stdlib sources (seeded)"),
     "quantize": (_quantize_args, _quantize, "quantize a checkpoint with a recipe (GGUF k-quants, MXFP4, mlx affine)"),
+    "export": (_export_args, _export, "write a checkpoint as a GGUF file for llama.cpp"),
 }
 
 

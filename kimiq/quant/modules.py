@@ -6,9 +6,10 @@
 * ``QuantExperts`` replaces the stacked ``Experts`` (one format per projection, parts stacked over
   experts), with the same grouped dispatch.
 
-Packed parts are buffers named ``<leaf>_<suffix>`` (e.g. ``qweight_weight``/``qweight_scales``) so
-``state_dict`` round-trips.  Forward passes here are the *reference* path: dequantize, then matmul
-in the input dtype.  ``quantize(model, recipe)`` quantizes an in-memory model with exactly the bytes
+Packed parts are buffers named ``<prefix>_<suffix>`` (``q_weight``, ``q_scales``; ``w1_weight`` ... for
+experts) so ``state_dict`` round-trips.  Forward passes are the *reference* path (dequantize, then
+matmul in the input dtype) except ``QuantLinear``'s packed int4 CPU kernel for 4-bit affine-form
+formats.  ``quantize(model, recipe)`` quantizes an in-memory model with exactly the bytes
 ``kimiq quantize`` writes; tensors inside other modules (the router gate) are replaced by their
 dequantized values, which is what a quantized router computes.
 """
@@ -19,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimiq.model.layers import MLP  # noqa: F401  (documentation: the modules QuantLinear stands in for)
 from kimiq.model.moe import Experts
 
 from .formats import Format, get_format

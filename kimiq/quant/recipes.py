@@ -31,7 +31,7 @@ from kimiq.config import LAYER_KDA, ModelConfig
 from .formats import get_format
 
 __all__ = ["TensorSpec", "Recipe", "RECIPES", "get_recipe", "load_recipe", "tensor_specs", "plan_bytes", "KEEP",
-           "PROTECTED_ROLES", "use_more_bits"]
+           "PROTECTED_ROLES", "use_more_bits", "fit_format", "tensor_role"]
 
 KEEP = "keep"
 PROTECTED_ROLES = frozenset({"router", "router_bias", "decay", "norm", "conv"})
@@ -47,12 +47,12 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]
     layer: int | None  # decoder layer index, None for embeddings / final norm / head
-    role: str  # see _role()
+    role: str  # see tensor_role()
     index: int = 0  # llama.cpp's running attn_v counter (role attn_v only)
     count: int = 0  # number of attn_v tensors (role attn_v only)
 
 
-def _role(name: str) -> str:
+def tensor_role(name: str) -> str:
     leaf = name.rsplit(".", 2)
     if name == "model.embed_tokens.weight":
         return "embed"
@@ -87,7 +87,7 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
     specs = []
     for name, shape in checkpoint_inventory(cfg).items():
         m = _LAYER.match(name)
-        specs.append(TensorSpec(name, tuple(shape), int(m[1]) if m else None, _role(name)))
+        specs.append(TensorSpec(name, tuple(shape), int(m[1]) if m else None, tensor_role(name)))
     # llama.cpp counts attn_v tensors (here: the KDA v_proj; MLA's kv_b becomes attn_k_b/attn_v_b in GGUF)
     v_idx = [i for i, s in enumerate(specs) if s.role == "attn_v"]
     for k, i in enumerate(v_idx):
@@ -120,14 +120,15 @@ class Recipe:
             fmt = None
             if len(s.shape) == 2 and (self.quantizes_protected or s.role not in PROTECTED_ROLES):
                 fmt = self.choose(s, cfg)
-            out[s.name] = _fit(fmt or KEEP, s.shape)
+            out[s.name] = fit_format(fmt or KEEP, s.shape)
         return out
 
     def to_json(self) -> dict:
         return {"name": self.name, "doc": self.doc}
 
 
-def _fit(fmt: str, shape: tuple[int, ...]) -> str:
+def fit_format(fmt: str, shape: tuple[int, ...]) -> str:
+    """``fmt`` if it takes rows of ``shape[-1]``, else llama.cpp's fallback chain (ending at f16 / keep)."""
     while fmt != KEEP and not get_format(fmt).supports(shape):
         fmt = _FALLBACK.get(fmt, KEEP)
     return fmt

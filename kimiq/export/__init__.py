@@ -1,0 +1,1 @@
+"""Interop writers: kimiq checkpoints -> files other engines load (``gguf`` for llama.cpp)."""
