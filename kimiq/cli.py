@@ -6,7 +6,7 @@
     kimiq train    --preset default                     rebuild the embedded default model (seeded, resumable)
     kimiq eval bpb [-m DIR]                             held-out bits per byte next to xz -9e
     kimiq quantize [-m DIR] -r q4_k_m -o OUT            quantize a checkpoint (--list: the recipes)
-    kimiq export   [-m DIR] --gguf OUT.gguf             write a GGUF that llama.cpp loads
+    kimiq export   [-m DIR] --gguf OUT.gguf | --mlx DIR  write a GGUF for llama.cpp, or an mlx-lm directory
 
 Without ``--model`` the embedded default model is used.  Each subcommand has ``add_args(p)``
 and ``run(args)``; this module only wires them up.
@@ -302,18 +302,30 @@ def _quantize(args) -> int:
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", metavar="DIR", help="kimiq checkpoint, full precision or quantized "
                    "(default: the embedded model)")
-    p.add_argument("--gguf", metavar="FILE", required=True, help="output .gguf (arch kimi-linear, tokenizer "
-                   "included; written atomically)")
-    p.add_argument("--type", default="auto", metavar="TYPE", help="f32 | f16 | bf16 | a GGUF recipe (q8_0, "
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--gguf", metavar="FILE", help="write a .gguf for llama.cpp (arch kimi-linear, tokenizer included)")
+    g.add_argument("--mlx", metavar="DIR", help="write a directory mlx_lm.load runs (mlx-lm's names, tokenizer.json)")
+    p.add_argument("--type", default="auto", metavar="TYPE", help="GGUF: f32 | f16 | bf16 | a GGUF recipe (q8_0, "
                    "q4_k_m, q5_k_m, q3_k_s, q2_k, mxfp4_moe) | auto: a quantized checkpoint's own blocks, else f32 "
                    "(default: auto)")
+    p.add_argument("--recipe", metavar="NAME|FILE", help="mlx: quantize with an mlx recipe (mxfp4-g32, affine4-g64, "
+                   "mixed-3.6, or a JSON file); default: float, or a quantized checkpoint's own parts")
+    p.add_argument("--dtype", choices=("bf16", "f16", "f32"), default="bf16", help="mlx: dtype of float tensors "
+                   "and scales (default: bf16, as mlx-lm converts)")
+    p.add_argument("--overwrite", action="store_true", help="mlx: replace DIR if it exists")
 
 
 def _export(args) -> int:
     from kimiq import default_model_path
     from kimiq.export.gguf import export_gguf
 
-    export_gguf(args.model or default_model_path(), args.gguf, outtype=args.type)
+    src = args.model or default_model_path()
+    if args.gguf:
+        export_gguf(src, args.gguf, outtype=args.type)
+    else:
+        from kimiq.export.mlx import export_mlx
+
+        export_mlx(src, args.mlx, recipe=args.recipe, dtype=args.dtype, overwrite=args.overwrite)
     return 0
 
 
@@ -324,7 +336,7 @@ COMMANDS = {
     "eval": (_eval_args, _eval, "measure a model: bpb (bits per byte on held-out text vs xz)"),
     "train": (_train_args, _train, "rebuild the tokenizer and a small Kimi-Linear from the stdlib sources (seeded)"),
     "quantize": (_quantize_args, _quantize, "quantize a checkpoint with a recipe (GGUF k-quants, MXFP4, mlx affine)"),
-    "export": (_export_args, _export, "write a checkpoint as a GGUF file for llama.cpp"),
+    "export": (_export_args, _export, "write a checkpoint for llama.cpp (GGUF) or mlx-lm"),
 }
 
 

@@ -28,49 +28,11 @@ from kimiq.quant.formats import get_format
 from kimiq.quant.recipes import KEEP, fit_format, get_recipe, tensor_role
 from kimiq.tokenizer import Tokenizer, load_tiktoken_model
 
-__all__ = ["export_gguf", "gguf_tensors", "bpe_merges", "byte_to_unicode"]
+from .vocab import bpe_merges, byte_to_unicode
+
+__all__ = ["export_gguf", "gguf_tensors"]
 
 ARCH = "kimi-linear"
-
-
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table (what GGUF BPE vocabularies store)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def _bpe_split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
-    """Re-run byte-level BPE on ``token`` with merges of rank < max_rank (tiktoken's merge order)."""
-    parts = [bytes([b]) for b in token]
-    while True:
-        best, best_rank = None, None
-        for i in range(len(parts) - 1):
-            r = ranks.get(parts[i] + parts[i + 1])
-            if r is not None and r < max_rank and (best_rank is None or r < best_rank):
-                best, best_rank = i, r
-        if best is None:
-            return parts
-        parts = parts[:best] + [parts[best] + parts[best + 1]] + parts[best + 2:]
-
-
-def bpe_merges(ranks: dict[bytes, int]) -> list[str]:
-    """Merges in rank order, each ``"A B"`` in byte-to-unicode form: the pair a multi-byte token is made of."""
-    enc = byte_to_unicode()
-    out = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(token) < 2:
-            continue
-        parts = _bpe_split(ranks, token, rank)
-        if len(parts) == 2:
-            out.append(" ".join("".join(enc[b] for b in p) for p in parts))
-    return out
 
 
 def _ggml_type(fmt: str):
