@@ -51,12 +51,13 @@ def _parses(program: str) -> bool:
         return False
 
 
-_WEAK = pytest.mark.xfail(strict=True, reason="issue 3 open: the 1,000-step CPU-trained default model writes no parseable "
-                          "body within 48 tokens (e.g. an unclosed docstring); retraining should turn this into a pass")
+_WEAK = pytest.mark.xfail(strict=True, reason="the 15M-parameter default model (1,900 CPU steps) falls into greedy "
+                          "repetition on these prompts within 48 tokens (an unclosed docstring, a `_it_it_it...` run); "
+                          "see issue 3's note")
 
 
-@pytest.mark.parametrize("prompt", [pytest.param("def fibonacci(n):\n", marks=_WEAK), "def is_even(n):\n",
-                                    pytest.param("def read_file(path):\n", marks=_WEAK),
+@pytest.mark.parametrize("prompt", [pytest.param("def fibonacci(n):\n", marks=_WEAK),
+                                    pytest.param("def is_even(n):\n", marks=_WEAK), "def read_file(path):\n",
                                     "class Stack:\n    def push(self, item):\n"])
 def test_greedy_continuation_starts_valid_python(prompt):
     """The greedy continuation begins with a body that parses: some prefix of it, ending at a line boundary

@@ -50,15 +50,17 @@ def test_disk_equals_memory(tiny_ckpt, tmp_path, recipe):
 def test_default_model_q4_k_m(tmp_path):
     """The embedded model through the CLI: a smaller checkpoint, close logits, identical after reload."""
     assert main(["quantize", "-r", "q4_k_m", "-o", str(tmp_path / "q4")]) == 0
-    q, _ = load(tmp_path / "q4")
+    q, tok = load(tmp_path / "q4")
     ref, _ = load()
     mem = quantize(load()[0], "q4_k_m")
     assert isinstance(q.model.embed_tokens, QuantEmbedding) and isinstance(q.lm_head, QuantLinear)
+    ids = torch.tensor([tok.encode("def read_file(path):\n    with open(path) as f:\n        return f.read()\n")])
     with torch.no_grad():
-        lq, lm, lr = q(IDS), mem(IDS), ref(IDS)
+        lq, lm, lr = q(ids), mem(ids), ref(ids)
     assert torch.equal(lq, lm)
     kl = (lr.log_softmax(-1).exp() * (lr.log_softmax(-1) - lq.log_softmax(-1))).sum(-1).mean()
-    assert float(kl) < 0.05
+    print(f"KL(bf16 || q4_k_m) = {float(kl):.4f} nats/token")
+    assert float(kl) < 0.02  # measured 0.0029 on the shipped default model (2026-11-30)
     size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
     assert size(tmp_path / "q4") < 0.4 * size(default_model_path())
 
