@@ -51,7 +51,9 @@ def ids():
     return tok.encode(PROMPT)
 
 
-@pytest.mark.parametrize("outtype,tol", [("f32", 2e-3), ("q8_0", 0.15)])
+# measured 2026-11-30 (llama-cpp-python 0.3.36 built from the sdist, 2-core EPYC): f32 7.6e-6 with llama.cpp's eps
+# (2.1e-5 with kimiq's 1e-6); Q8_0 0.107, llama.cpp also quantizes the activations to Q8_0 in its matmuls
+@pytest.mark.parametrize("outtype,tol", [("f32", 1e-4), ("q8_0", 0.25)])
 def test_llama_cpp_agrees(tmp_path, ids, outtype, tol):
     path = export_gguf(default_model_path(), tmp_path / f"{outtype}.gguf", outtype=outtype, log=lambda s: None)
     ref_model, _ = load(dtype=torch.float32)
