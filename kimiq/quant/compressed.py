@@ -37,7 +37,8 @@ def compressed_tensors_config(root: str | Path) -> dict | None:
     specs = {(w.get("num_bits"), w.get("type"), w.get("symmetric"), w.get("strategy"), w.get("group_size"))
              for w in groups}
     if len(specs) != 1:
-        raise ValueError(f"{root}: several compressed-tensors weight schemes {sorted(map(str, specs))}; kimiq reads one")
+        raise ValueError(f"{root}: several compressed-tensors weight schemes {sorted(map(str, specs))}; "
+                         "kimiq reads one")
     bits, typ, sym, strategy, group = specs.pop()
     if (bits, typ, sym, strategy) != (4, "int", True, "group") or not isinstance(group, int) or group % 8:
         raise ValueError(f"{root}: compressed-tensors scheme num_bits={bits} type={typ} symmetric={sym} "

@@ -134,8 +134,8 @@ def _q6_k(b):
     return (scale[..., None] * q.reshape(-1, 16, 16).to(torch.float32)).reshape(-1, 256)
 
 
-DEQUANTIZERS = {"q8_0": _q8_0, "q4_0": _q4_0, "mxfp4": _mxfp4, "q5_0": _q5_0, "q5_1": _q5_1, "q2_k": _q2_k, "q3_k": _q3_k, "q4_k": _q4_k,
-                "q5_k": _q5_k, "q6_k": _q6_k}
+DEQUANTIZERS = {"q8_0": _q8_0, "q4_0": _q4_0, "mxfp4": _mxfp4, "q5_0": _q5_0, "q5_1": _q5_1, "q2_k": _q2_k,
+                "q3_k": _q3_k, "q4_k": _q4_k, "q5_k": _q5_k, "q6_k": _q6_k}
 
 
 def dequantize_gguf(name: str, packed: torch.Tensor) -> torch.Tensor:

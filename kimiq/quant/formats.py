@@ -134,7 +134,8 @@ def _mxfp4_mlx() -> Format:
     def layout(shape, dt):
         return {"weight": ((shape[0], shape[1] // 8), torch.int32), "scales": ((shape[0], shape[1] // 32), torch.uint8)}
 
-    return Format("mxfp4-mlx", "mlx", 4.25, 32, q, dq, layout, "MXFP4 in mlx's layout with mlx's ceil(log2(amax/6)) scale")
+    return Format("mxfp4-mlx", "mlx", 4.25, 32, q, dq, layout,
+                  "MXFP4 in mlx's layout with mlx's ceil(log2(amax/6)) scale")
 
 
 def _build() -> dict[str, Format]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from kimiq.config import LAYER_KDA, ModelConfig
+from kimiq.config import ModelConfig
 
 from .formats import get_format
 
