@@ -8,8 +8,8 @@
 
 Packed parts are buffers named ``<prefix>_<suffix>`` (``q_weight``, ``q_scales``; ``w1_weight`` ... for
 experts) so ``state_dict`` round-trips.  Forward passes are the *reference* path (dequantize, then
-matmul in the input dtype) except ``QuantLinear``'s packed int4 CPU kernel for 4-bit affine-form
-formats.  ``quantize(model, recipe)`` quantizes an in-memory model with exactly the bytes
+matmul in the input dtype) except torch's packed int4 CPU kernel, used by ``QuantLinear`` and
+``QuantExperts`` for 4-bit affine-form formats (q4_0, q4_k, affine4).  ``quantize(model, recipe)`` quantizes an in-memory model with exactly the bytes
 ``kimiq quantize`` writes; tensors inside other modules (the router gate) are replaced by their
 dequantized values, which is what a quantized router computes.
 """
@@ -135,10 +135,27 @@ class QuantExperts(_Packed):
         self.compute_dtype = dtype
         for k in ("w1", "w3", "w2"):
             self._set_parts(k, parts[k])
+        self.use_fast = True
+        self._int4: dict[tuple[str, int], tuple | bool] = {}  # (proj, expert) -> int4 kernel pack or False
 
     def expert_weight(self, proj: str, e: int, dtype: torch.dtype) -> torch.Tensor:
         parts = {k: v[e] for k, v in self._parts(proj).items()}
         return self.fmts[proj].dequantize(parts, self.shapes[proj], dtype)
+
+    def _matmul(self, x: torch.Tensor, proj: str, e: int) -> torch.Tensor:
+        """x @ W_e^T for one expert: torch's int4 CPU kernel where the format allows (as QuantLinear), else
+        the reference dequantize-then-matmul."""
+        if self.use_fast and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+            key = (proj, e)
+            if key not in self._int4:
+                parts = {k: v[e] for k, v in self._parts(proj).items()}
+                self._int4[key] = _int4_pack(self.fmts[proj].name, parts, self.shapes[proj][1]) or False
+            pack = self._int4[key]
+            if pack:
+                packed, group, sz = pack
+                y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), packed, group, sz)
+                return y.to(x.dtype)
+        return x @ self.expert_weight(proj, e, x.dtype).t()
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """As ``Experts.forward``: tokens grouped by expert, one matmul per expert hit."""
@@ -153,9 +170,8 @@ class QuantExperts(_Packed):
         for e, (xe, we, te) in enumerate(zip(xs.split(counts), ws.split(counts), token_of.split(counts))):
             if xe.shape[0] == 0:
                 continue
-            w1, w3, w2 = (self.expert_weight(p, e, xe.dtype) for p in ("w1", "w3", "w2"))
-            h = F.silu(xe @ w1.t()) * (xe @ w3.t())
-            y = (h @ w2.t()) * we[:, None]
+            h = F.silu(self._matmul(xe, "w1", e)) * self._matmul(xe, "w3", e)
+            y = self._matmul(h, "w2", e) * we[:, None]
             out.index_add_(0, te, y.to(out.dtype))
         return out
 

@@ -125,3 +125,19 @@ def test_fast_int4_linear_matches_reference(fmt):
         y = m(x.to(dt))
         assert m._int4 and y.dtype == dt and y.shape == (2, 3, 128)
         assert float((y.float() - ref).abs().max() / ref.abs().max()) < tol
+
+
+def test_fast_int4_experts_match_reference():
+    cfg = ModelConfig.from_hf(dict(TWO_MLA_TWO_DENSE_HF, hidden_size=256, moe_intermediate_size=128))
+    model = quantize(random_model(cfg, seed=6), "q4_k_m")
+    ids = IDS % cfg.vocab_size
+    experts = [m for m in model.modules() if isinstance(m, QuantExperts)]
+    with torch.no_grad():
+        for m in experts:
+            m.use_fast = False
+        ref = model(ids)
+        for m in experts:
+            m.use_fast = True
+        fast = model(ids)
+    assert any(p for m in experts for p in m._int4.values())  # the kernel path really ran
+    assert float((fast - ref).abs().max() / ref.abs().max()) < 2e-2
