@@ -23,8 +23,10 @@ import numpy as np
 import torch
 
 from kimiq.config import LAYER_MLA, ModelConfig
-from kimiq.model.weights import _internal, checkpoint_inventory, load_model, quantization_config
+from kimiq.model.mla import split_kv_b
+from kimiq.model.weights import checkpoint_inventory, load_model, quantization_config
 from kimiq.quant.formats import get_format
+from kimiq.quant.modules import checkpoint_tensor
 from kimiq.quant.recipes import KEEP, fit_format, get_recipe, tensor_role
 from kimiq.tokenizer import Tokenizer, load_tiktoken_model
 
@@ -61,29 +63,11 @@ class _Src:
 
     def __init__(self, root: Path):
         self.model = load_model(root, dtype=torch.float32)
-        self.qc = quantization_config(root) or {}
-        self.formats: dict[str, str] = self.qc.get("formats", {})
-        self.sd = dict(self.model.state_dict())
+        self.formats: dict[str, str] = (quantization_config(root) or {}).get("formats", {})
 
     def float(self, name: str) -> torch.Tensor:
         """A checkpoint tensor (HF name) as float32 (dequantized if stored quantized)."""
-        iname, row = _internal(name)
-        if name in self.formats:
-            return self._dequant(name)
-        t = self.sd[iname]
-        return (t[row] if row is not None else t).to(torch.float32)
-
-    def _dequant(self, name: str) -> torch.Tensor:
-        mod_path, _, leaf = name.rpartition(".")
-        if ".experts." in name:
-            base, e, proj, _ = name.rsplit(".", 3)
-            return self.model.get_submodule(base).expert_weight(proj, int(e), torch.float32)
-        mod = self.model.get_submodule(mod_path)
-        if hasattr(mod, "fmt") and hasattr(mod, "_parts") and hasattr(mod, "in_features"):
-            return mod.fmt.dequantize(mod._parts("q"), (mod.out_features, mod.in_features))
-        if hasattr(mod, "fmt"):  # QuantEmbedding
-            return mod.fmt.dequantize(mod._parts("q"), (mod.num_embeddings, mod.embedding_dim))
-        return getattr(mod, leaf).detach().to(torch.float32)  # dequantized at load (router)
+        return checkpoint_tensor(self.model, name)
 
     def blocks(self, name: str) -> torch.Tensor | None:
         """Stored GGUF block bytes [out, bytes] of a quantized tensor, else None."""
@@ -133,10 +117,9 @@ def gguf_tensors(cfg: ModelConfig, src: _Src, choose: Callable[[str, tuple[int, 
             yield tensor(b + "attn_q.weight", a + "q_proj.weight")
             yield tensor(b + "attn_kv_a_mqa.weight", a + "kv_a_proj_with_mqa.weight")
             yield tensor(b + "attn_kv_a_norm.weight", a + "kv_a_layernorm.weight")
-            kv_b = src.float(a + "kv_b_proj.weight").view(m.num_heads, m.qk_nope_head_dim + m.v_head_dim,
-                                                           m.kv_lora_rank)  # [H, N+Vh, R]
-            k_b = kv_b[:, : m.qk_nope_head_dim].transpose(1, 2).contiguous()  # [H, R, N] -> ne [N, R, H]
-            v_b = kv_b[:, m.qk_nope_head_dim:].contiguous()  # [H, Vh, R] -> ne [R, Vh, H]
+            w_uk, w_uv = split_kv_b(src.float(a + "kv_b_proj.weight"), m.num_heads, m.qk_nope_head_dim, m.v_head_dim)
+            k_b = w_uk.transpose(1, 2).contiguous()  # [H, R, N] -> ne [N, R, H]
+            v_b = w_uv.contiguous()  # [H, Vh, R] -> ne [R, Vh, H]
             yield tensor(b + "attn_k_b.weight", a + "kv_b_proj.weight", k_b)
             yield tensor(b + "attn_v_b.weight", a + "kv_b_proj.weight", v_b)
             yield tensor(b + "attn_output.weight", a + "o_proj.weight")

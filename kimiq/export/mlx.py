@@ -30,9 +30,10 @@ import torch
 from safetensors.torch import save_file
 
 from kimiq.config import LAYER_MLA, ModelConfig
-from kimiq.model.weights import (SUMS_FILE, _internal, _sha256, _write_small, checkpoint_inventory, load_model,
-                                 quantization_config)
+from kimiq.model.mla import split_kv_b
+from kimiq.model.weights import SUMS_FILE, _sha256, _write_small, checkpoint_inventory, load_model, quantization_config
 from kimiq.quant.formats import get_format
+from kimiq.quant.modules import checkpoint_tensor
 from kimiq.quant.recipes import KEEP, fit_format, get_recipe
 from kimiq.tokenizer import Tokenizer, load_tiktoken_model
 
@@ -83,25 +84,12 @@ def export_mlx(src: str | Path, out: str | Path, *, recipe: str | None = None, d
     if bad:
         raise ValueError(f"recipe {recipe!r} uses non-mlx formats {sorted(bad)}")
     model = load_model(src, dtype=torch.float32)
-    sd = model.state_dict()
     inv = checkpoint_inventory(cfg)
     tensors: dict[str, torch.Tensor] = {}
     qblock: dict = {}
 
     def float_of(hf: str) -> torch.Tensor:
-        """The float value of a checkpoint tensor (dequantized where stored quantized)."""
-        if hf in stored:
-            if ".experts." in hf:
-                base, e, proj, _ = hf.rsplit(".", 3)
-                return model.get_submodule(base).expert_weight(proj, int(e), torch.float32)
-            mod = model.get_submodule(hf.rpartition(".")[0])
-            if hasattr(mod, "in_features"):
-                return mod.fmt.dequantize(mod._parts("q"), (mod.out_features, mod.in_features))
-            if hasattr(mod, "num_embeddings"):
-                return mod.fmt.dequantize(mod._parts("q"), (mod.num_embeddings, mod.embedding_dim))
-            return getattr(mod, hf.rpartition(".")[2]).detach().float()
-        iname, row = _internal(hf)
-        return (sd[iname][row] if row is not None else sd[iname]).float()
+        return checkpoint_tensor(model, hf)
 
     def put(mlx_name: str, hf: str, value: torch.Tensor | None = None, keep_dtype: torch.dtype | None = None):
         """Write one module's tensor(s): quantized by the recipe / stored parts, else float."""
@@ -137,10 +125,9 @@ def export_mlx(src: str | Path, out: str | Path, *, recipe: str | None = None, d
         a = p + "self_attn."
         if kind == LAYER_MLA:
             m = cfg.mla
-            kv_b = float_of(a + "kv_b_proj.weight").view(m.num_heads, m.qk_nope_head_dim + m.v_head_dim,
-                                                          m.kv_lora_rank)  # [H, N+Vh, R]
-            put(a + "embed_q.weight", a + "kv_b_proj.weight", kv_b[:, : m.qk_nope_head_dim].transpose(1, 2))
-            put(a + "unembed_out.weight", a + "kv_b_proj.weight", kv_b[:, m.qk_nope_head_dim:])
+            w_uk, w_uv = split_kv_b(float_of(a + "kv_b_proj.weight"), m.num_heads, m.qk_nope_head_dim, m.v_head_dim)
+            put(a + "embed_q.weight", a + "kv_b_proj.weight", w_uk.transpose(1, 2))  # [H, R, N]
+            put(a + "unembed_out.weight", a + "kv_b_proj.weight", w_uv)  # [H, Vh, R]
         else:
             for x in "qkv":
                 w = float_of(f"{a}{x}_conv1d.weight")  # [P, 1, W] -> mlx depthwise conv [P, W, 1]

@@ -30,7 +30,14 @@ from kimiq.config import ModelConfig
 from kimiq.model.layers import RMSNorm
 from kimiq.model.state import MLAState
 
-__all__ = ["KimiMLAAttention"]
+__all__ = ["KimiMLAAttention", "split_kv_b"]
+
+
+def split_kv_b(weight: torch.Tensor, num_heads: int, nope: int, v_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kv_b_proj.weight`` [H*(nope+v), R] -> (W_UK [H, nope, R], W_UV [H, v, R]): per head, the rows that
+    up-project the latent to k_nope, then to v (the absorbed decode and the GGUF / mlx exporters use this)."""
+    w = weight.view(num_heads, nope + v_dim, -1)
+    return w[:, :nope], w[:, nope:]
 
 
 class KimiMLAAttention(nn.Module):
@@ -100,8 +107,7 @@ class KimiMLAAttention(nn.Module):
     def _absorbed(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, H, _ = q.shape
         S = kv.shape[1]
-        w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.rank)
-        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H, nope, R], [H, v, R]
+        w_uk, w_uv = split_kv_b(self.kv_b_proj.weight, H, self.nope, self.v_dim)  # [H, nope, R], [H, v, R]
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         c, k_pe = kv.split([self.rank, self.rope], dim=-1)  # [B, S, R], [B, S, rope]
         q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)  # [B, H, T, R]

@@ -17,6 +17,8 @@ The reference dispatch gathers each expert's tokens once and loops over the expe
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,7 +26,7 @@ from torch import nn
 from kimiq.config import MoEConfig
 from kimiq.model.layers import MLP
 
-__all__ = ["Router", "Experts", "SparseMoE"]
+__all__ = ["Router", "Experts", "SparseMoE", "dispatch"]
 
 
 class Router(nn.Module):
@@ -65,22 +67,35 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x: [N, D], weights/idx: [N, k] -> [N, D].  Tokens grouped by expert, one matmul each."""
-        N, k = idx.shape
-        flat = idx.reshape(-1)  # [N*k]
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
-        token_of = order // k  # token row of each sorted assignment
-        xs = x.index_select(0, token_of)  # [N*k, D] grouped by expert
-        ws = weights.reshape(-1).index_select(0, order)  # [N*k] fp32
-        out = torch.zeros_like(x)
-        # split, not xs[start:start + cnt]: a slice's backward zero-fills a full [N*k, D] gradient per expert
-        for e, (xe, we, te) in enumerate(zip(xs.split(counts), ws.split(counts), token_of.split(counts))):
-            if xe.shape[0] == 0:
-                continue
+
+        def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
             h = F.silu(xe @ self.w1[e].t()) * (xe @ self.w3[e].t())
-            y = (h @ self.w2[e].t()) * we[:, None]
-            out.index_add_(0, te, y.to(out.dtype))
-        return out
+            return h @ self.w2[e].t()
+
+        return dispatch(x, weights, idx, self.w1.shape[0], expert)
+
+
+def dispatch(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, num_experts: int,
+             expert: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Grouped routing shared by ``Experts`` and quantized twins: ``sum_k weights[:, k] * expert(idx[:, k], x)``.
+
+    Each expert's tokens are gathered once and ``expert(e, x_e)`` runs on them ([n_e, D] -> [n_e, D]).
+    """
+    N, k = idx.shape
+    flat = idx.reshape(-1)  # [N*k]
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    token_of = order // k  # token row of each sorted assignment
+    xs = x.index_select(0, token_of)  # [N*k, D] grouped by expert
+    ws = weights.reshape(-1).index_select(0, order)  # [N*k] fp32
+    out = torch.zeros_like(x)
+    # split, not xs[start:start + cnt]: a slice's backward zero-fills a full [N*k, D] gradient per expert
+    for e, (xe, we, te) in enumerate(zip(xs.split(counts), ws.split(counts), token_of.split(counts))):
+        if xe.shape[0] == 0:
+            continue
+        y = expert(e, xe) * we[:, None]
+        out.index_add_(0, te, y.to(out.dtype))
+    return out
 
 
 class SparseMoE(nn.Module):

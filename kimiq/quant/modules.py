@@ -9,9 +9,10 @@
 Packed parts are buffers named ``<prefix>_<suffix>`` (``q_weight``, ``q_scales``; ``w1_weight`` ... for
 experts) so ``state_dict`` round-trips.  Forward passes are the *reference* path (dequantize, then
 matmul in the input dtype) except torch's packed int4 CPU kernel, used by ``QuantLinear`` and
-``QuantExperts`` for 4-bit affine-form formats (q4_0, q4_k, affine4).  ``quantize(model, recipe)`` quantizes an in-memory model with exactly the bytes
-``kimiq quantize`` writes; tensors inside other modules (the router gate) are replaced by their
-dequantized values, which is what a quantized router computes.
+``QuantExperts`` for 4-bit affine-form formats (q4_0, q4_k, affine4).  ``quantize(model, recipe)``
+quantizes an in-memory model with exactly the bytes ``kimiq quantize`` writes; tensors inside other
+modules (the router gate) are replaced by their dequantized values, which is what a quantized router
+computes.  ``checkpoint_tensor(model, name)`` reads any checkpoint tensor back as float32.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimiq.model.moe import Experts
+from kimiq.model.moe import Experts, dispatch
 
 from .formats import Format, get_format
 from .recipes import KEEP, Recipe, get_recipe
 
-__all__ = ["QuantLinear", "QuantEmbedding", "QuantExperts", "quantize", "quantized_modules", "Parts"]
+__all__ = ["QuantLinear", "QuantEmbedding", "QuantExperts", "quantize", "quantized_modules", "checkpoint_tensor",
+           "Parts"]
 
 Parts = dict[str, torch.Tensor]
 
@@ -63,21 +65,28 @@ class QuantLinear(_Packed):
         return self.fmt.dequantize(self._parts("q"), (self.out_features, self.in_features), self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_fast and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        if self.use_fast and _int4_ok(x):
             if self._int4 is None:
                 self._int4 = _int4_pack(self.fmt.name, self._parts("q"), self.in_features) or False
             if self._int4:
-                # bf16 activations even for an fp32 model: torch's fp32 int4 kernel is ~20x slower on CPU, and
-                # rounding x to bf16 (~3e-3 relative) is far below the 4-bit weight error
-                packed, group, sz = self._int4
-                x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-                y = torch._weight_int4pack_mm_for_cpu(x2, packed, group, sz)
-                return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+                y = _int4_mm(x.reshape(-1, self.in_features), self._int4)
+                return y.view(*x.shape[:-1], self.out_features)
         w = self.fmt.dequantize(self._parts("q"), (self.out_features, self.in_features), x.dtype)
         return F.linear(x, w)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, format={self.fmt.name}"
+
+
+def _int4_ok(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+
+
+def _int4_mm(x2: torch.Tensor, pack: tuple) -> torch.Tensor:
+    """[M, K] @ packed int4 weight^T -> [M, N] in x2's dtype.  bf16 activations even for an fp32 model: torch's
+    fp32 int4 kernel is ~20x slower on CPU, and rounding x to bf16 (~3e-3 relative) is far below 4-bit error."""
+    packed, group, sz = pack
+    return torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, group, sz).to(x2.dtype)
 
 
 def _int4_pack(fmt: str, parts: Parts, K: int):
@@ -145,38 +154,47 @@ class QuantExperts(_Packed):
     def _matmul(self, x: torch.Tensor, proj: str, e: int) -> torch.Tensor:
         """x @ W_e^T for one expert: torch's int4 CPU kernel where the format allows (as QuantLinear), else
         the reference dequantize-then-matmul."""
-        if self.use_fast and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        if self.use_fast and _int4_ok(x):
             key = (proj, e)
             if key not in self._int4:
                 parts = {k: v[e] for k, v in self._parts(proj).items()}
                 self._int4[key] = _int4_pack(self.fmts[proj].name, parts, self.shapes[proj][1]) or False
-            pack = self._int4[key]
-            if pack:
-                packed, group, sz = pack
-                y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), packed, group, sz)
-                return y.to(x.dtype)
+            if self._int4[key]:
+                return _int4_mm(x, self._int4[key])
         return x @ self.expert_weight(proj, e, x.dtype).t()
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """As ``Experts.forward``: tokens grouped by expert, one matmul per expert hit."""
-        N, k = idx.shape
-        flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        token_of = order // k
-        xs = x.index_select(0, token_of)
-        ws = weights.reshape(-1).index_select(0, order)
-        out = torch.zeros_like(x)
-        for e, (xe, we, te) in enumerate(zip(xs.split(counts), ws.split(counts), token_of.split(counts))):
-            if xe.shape[0] == 0:
-                continue
+        """As ``Experts.forward`` (the same ``dispatch``), with packed expert weights."""
+
+        def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
             h = F.silu(self._matmul(xe, "w1", e)) * self._matmul(xe, "w3", e)
-            y = self._matmul(h, "w2", e) * we[:, None]
-            out.index_add_(0, te, y.to(out.dtype))
-        return out
+            return self._matmul(h, "w2", e)
+
+        return dispatch(x, weights, idx, self.num_experts, expert)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, " + ", ".join(f"{k}={f.name}" for k, f in self.fmts.items())
+
+
+def checkpoint_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """The value of checkpoint tensor ``name`` (HF name) in float32, dequantized where ``model`` holds it packed."""
+    from kimiq.model.weights import _internal
+
+    if ".experts." in name:
+        base, e, proj, _ = name.rsplit(".", 3)
+        experts = model.get_submodule(base)
+        if isinstance(experts, QuantExperts):
+            return experts.expert_weight(proj, int(e), torch.float32)
+    mod_path, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_path) if ".experts." not in name else None
+    if isinstance(mod, QuantLinear):
+        return mod.fmt.dequantize(mod._parts("q"), (mod.out_features, mod.in_features))
+    if isinstance(mod, QuantEmbedding):
+        return mod.fmt.dequantize(mod._parts("q"), (mod.num_embeddings, mod.embedding_dim))
+    iname, row = _internal(name)
+    holder, _, attr = iname.rpartition(".")
+    t = getattr(model.get_submodule(holder), attr)  # parameter or buffer
+    return (t[row] if row is not None else t).detach().to(torch.float32)
 
 
 def _stack(parts_list: list[Parts]) -> Parts:
