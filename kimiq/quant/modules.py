@@ -8,8 +8,10 @@
 
 Packed parts are buffers named ``<prefix>_<suffix>`` (``q_weight``, ``q_scales``; ``w1_weight`` ... for
 experts) so ``state_dict`` round-trips.  Forward passes are the *reference* path (dequantize, then
-matmul in the input dtype) except torch's packed int4 CPU kernel, used by ``QuantLinear`` and
-``QuantExperts`` for 4-bit affine-form formats (q4_0, q4_k, affine4).  ``quantize(model, recipe)``
+matmul in the input dtype) except on CPU: torch's packed int4 kernel for 4-bit affine-form formats
+(q4_0, q4_k, affine4; the fastest there), and for every other GGUF / mlx format, with up to
+``kimiq.ops.qmatmul.MAX_ROWS`` activation rows (decode), kimiq's fused dequantize-matmul kernels
+reading the stored blocks.  ``quantize(model, recipe)``
 quantizes an in-memory model with exactly the bytes ``kimiq quantize`` writes; tensors inside other
 modules (the router gate) are replaced by their dequantized values, which is what a quantized router
 computes.  ``checkpoint_tensor(model, name)`` reads any checkpoint tensor back as float32.
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimiq.model.moe import Experts, dispatch
+from kimiq.ops import qmatmul
 
 from .formats import Format, get_format
 from .recipes import KEEP, Recipe, get_recipe
@@ -46,8 +49,9 @@ class _Packed(nn.Module):
 
 class QuantLinear(_Packed):
     """``use_fast``: on CPU, 4-bit affine-form formats (q4_0, q4_k, affine4-g*) run torch's packed int4
-    kernel (``_weight_int4pack_mm_for_cpu``) on a repack of the codes made at first use; everything else,
-    and ``use_fast = False``, runs the reference dequantize-then-matmul."""
+    kernel (``_weight_int4pack_mm_for_cpu``) on a repack of the codes made at first use; the other
+    formats run ``kimiq.ops.qmatmul`` on the stored blocks when x has few rows; the rest, and
+    ``use_fast = False``, run the reference dequantize-then-matmul."""
 
     def __init__(self, fmt: str | Format, in_features: int, out_features: int, parts: Parts,
                  dtype: torch.dtype = torch.float32):
@@ -58,6 +62,7 @@ class QuantLinear(_Packed):
         self._set_parts("q", parts)
         self.use_fast = True
         self._int4: tuple | None | bool = None  # (packed, group, scales_and_zeros); False: not possible
+        self._fused: dict | None | bool = None  # qmatmul.prepare's tensors; False: no kernel for the format
 
     @property
     def weight(self) -> torch.Tensor:
@@ -71,6 +76,12 @@ class QuantLinear(_Packed):
             if self._int4:
                 y = _int4_mm(x.reshape(-1, self.in_features), self._int4)
                 return y.view(*x.shape[:-1], self.out_features)
+            if self._fused is None:
+                self._fused = qmatmul.prepare(self.fmt.name, self._parts("q")) or False
+            if self._fused:
+                y = qmatmul.qmatmul(self.fmt.name, self._fused, x.reshape(-1, self.in_features), self.out_features)
+                if y is not None:
+                    return y.view(*x.shape[:-1], self.out_features)
         w = self.fmt.dequantize(self._parts("q"), (self.out_features, self.in_features), x.dtype)
         return F.linear(x, w)
 
@@ -146,14 +157,15 @@ class QuantExperts(_Packed):
             self._set_parts(k, parts[k])
         self.use_fast = True
         self._int4: dict[tuple[str, int], tuple | bool] = {}  # (proj, expert) -> int4 kernel pack or False
+        self._fused: dict[str, dict | bool] = {}  # proj -> qmatmul.prepare's stacked tensors or False
 
     def expert_weight(self, proj: str, e: int, dtype: torch.dtype) -> torch.Tensor:
         parts = {k: v[e] for k, v in self._parts(proj).items()}
         return self.fmts[proj].dequantize(parts, self.shapes[proj], dtype)
 
     def _matmul(self, x: torch.Tensor, proj: str, e: int) -> torch.Tensor:
-        """x @ W_e^T for one expert: torch's int4 CPU kernel where the format allows (as QuantLinear), else
-        the reference dequantize-then-matmul."""
+        """x @ W_e^T for one expert: the CPU kernels as in QuantLinear (int4, else fused on the stacked
+        blocks, no copy per expert), else the reference dequantize-then-matmul."""
         if self.use_fast and _int4_ok(x):
             key = (proj, e)
             if key not in self._int4:
@@ -161,6 +173,12 @@ class QuantExperts(_Packed):
                 self._int4[key] = _int4_pack(self.fmts[proj].name, parts, self.shapes[proj][1]) or False
             if self._int4[key]:
                 return _int4_mm(x, self._int4[key])
+            if proj not in self._fused:
+                self._fused[proj] = qmatmul.prepare(self.fmts[proj].name, self._parts(proj)) or False
+            if self._fused[proj]:
+                y = qmatmul.qmatmul(self.fmts[proj].name, self._fused[proj], x, self.shapes[proj][0], index=e)
+                if y is not None:
+                    return y
         return x @ self.expert_weight(proj, e, x.dtype).t()
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,419 @@
+/* Fused dequantize-matmul for packed weight formats, CPU, few activation rows (decode).
+ *
+ *   Y[m, n] = sum_k X[m, k] * W[n, k]        X: [M, K] fp32 or bf16, W: packed rows, Y: [M, N] like X
+ *
+ * W stays in its stored layout (GGUF blocks as llama.cpp writes them; mlx affine / MXFP4 codes with
+ * separate scales), one row per output.  Each block of a row is dequantized into a small float
+ * buffer and dotted with the M activation rows, so the weights are read once per call and never
+ * materialized.  Block layouts and formulas: kimiq/quant/dequant.py (the torch reference these
+ * kernels are tested against) and ../shared/reference/quantization-formats.md sections 1-3.
+ *
+ * Threads: OpenMP over output rows (the process's libgomp, which torch already loaded).
+ * Built at first use by kimiq/ops/qmatmul.py with the host compiler (-O3 -march=native).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define MMAX 16
+#define QK_K 256
+
+static inline float f16_to_f32(const uint8_t *p) {
+    uint16_t h = (uint16_t)(p[0] | (p[1] << 8));
+    _Float16 v;
+    memcpy(&v, &h, 2);
+    return (float)v;
+}
+
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);  /* NaN */
+    u += 0x7fff + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+static float E8M0_HALF[256];  /* 2^(e-128): MXFP4 codes are stored doubled (kvalues 0..12) */
+
+static void init_tables(void) {
+    static int done = 0;
+    if (done) return;
+    for (int e = 0; e < 256; e++) E8M0_HALF[e] = ldexpf(1.0f, e - 128);
+    done = 1;
+}
+
+/* ------------------------------------------------------------------ block decoders
+ * decode(block, q, sc, mn): integer codes q[QK] and, per sub-block j of S weights, scale sc[j] and
+ * min mn[j] such that w = sc[j] * q - mn[j] (mn unused by formats without a min). */
+
+static inline void dec_q8_0(const uint8_t *b, int8_t *q, float *sc, float *mn) {
+    (void)mn;
+    sc[0] = f16_to_f32(b);
+    memcpy(q, b + 2, 32);
+}
+
+static inline void dec_q4_0(const uint8_t *b, int8_t *q, float *sc, float *mn) {
+    (void)mn;
+    sc[0] = f16_to_f32(b);
+    const uint8_t *qs = b + 2;
+    for (int j = 0; j < 16; j++) {
+        q[j] = (int8_t)((qs[j] & 0xF) - 8);
+        q[j + 16] = (int8_t)((qs[j] >> 4) - 8);
+    }
+}
+
+static const int8_t E2M1X2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};  /* doubled E2M1 */
+
+/* 16 packed bytes -> 32 codes: lo[j] = T[b[j] & 15], hi[j] = T[b[j] >> 4] (pshufb where available) */
+static inline void nibble_lut(const uint8_t *b, const int8_t *T, int8_t *lo, int8_t *hi) {
+#if defined(__AVX2__) || defined(__SSSE3__)
+    const __m128i t = _mm_loadu_si128((const __m128i *)T), m = _mm_set1_epi8(15);
+    const __m128i v = _mm_loadu_si128((const __m128i *)b);
+    _mm_storeu_si128((__m128i *)lo, _mm_shuffle_epi8(t, _mm_and_si128(v, m)));
+    _mm_storeu_si128((__m128i *)hi, _mm_shuffle_epi8(t, _mm_and_si128(_mm_srli_epi16(v, 4), m)));
+#else
+    for (int j = 0; j < 16; j++) {
+        lo[j] = T[b[j] & 15];
+        hi[j] = T[b[j] >> 4];
+    }
+#endif
+}
+
+static inline void dec_mxfp4(const uint8_t *b, int8_t *q, float *sc, float *mn) {
+    (void)mn;
+    sc[0] = E8M0_HALF[b[0]];
+    nibble_lut(b + 1, E2M1X2, q, q + 16);
+}
+
+static inline void q5_codes(const uint8_t *qh4, const uint8_t *qs, int8_t *q, int off) {
+    uint32_t qh;
+    memcpy(&qh, qh4, 4);
+    for (int j = 0; j < 16; j++) {
+        q[j] = (int8_t)(((qs[j] & 0xF) | (((qh >> j) & 1) << 4)) - off);
+        q[j + 16] = (int8_t)(((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - off);
+    }
+}
+
+static inline void dec_q5_0(const uint8_t *b, int8_t *q, float *sc, float *mn) {
+    (void)mn;
+    sc[0] = f16_to_f32(b);
+    q5_codes(b + 2, b + 6, q, 16);
+}
+
+static inline void dec_q5_1(const uint8_t *b, int8_t *q, float *sc, float *mn) {
+    sc[0] = f16_to_f32(b);
+    mn[0] = -f16_to_f32(b + 2);  /* w = d*q + m */
+    q5_codes(b + 4, b + 8, q, 0);
+}
+
+static inline void crumbs(const uint8_t *qs, int8_t *q) {  /* element 128h + 32s + l = (qs[32h + l] >> 2s) & 3 */
+    for (int h = 0; h < 2; h++)
+        for (int s = 0; s < 4; s++)
+            for (int l = 0; l < 32; l++) q[128 * h + 32 * s + l] = (int8_t)((qs[32 * h + l] >> (2 * s)) & 3);
+}
+
+static inline void dec_q2_k(const uint8_t *b, int8_t *q, float *sc, float *mn) {
+    const float d = f16_to_f32(b + 80), dmin = f16_to_f32(b + 82);
+    for (int j = 0; j < 16; j++) {
+        sc[j] = d * (b[j] & 0xF);
+        mn[j] = dmin * (b[j] >> 4);
+    }
+    crumbs(b + 16, q);
+}
+
+static inline void dec_q3_k(const uint8_t *b, int8_t *q, float *sc, float *mn) {
+    (void)mn;
+    const uint8_t *hmask = b, *s = b + 96;
+    const float d = f16_to_f32(b + 108);
+    for (int j = 0; j < 16; j++) {
+        const int lo4 = j < 8 ? (s[j] & 0xF) : (s[j - 8] >> 4);
+        const int hi2 = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+        sc[j] = d * ((lo4 | (hi2 << 4)) - 32);
+    }
+    crumbs(b + 32, q);
+    for (int e = 0; e < 256; e++) q[e] += (int8_t)(4 * ((hmask[e % 32] >> (e / 32)) & 1) - 4);
+}
+
+static inline void scale_min_k4(const uint8_t *s, int j, int *sc, int *m) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+static inline void k4_scales(const uint8_t *b, float *sc, float *mn) {
+    const float d = f16_to_f32(b), dmin = f16_to_f32(b + 2);
+    for (int j = 0; j < 8; j++) {
+        int s, m;
+        scale_min_k4(b + 4, j, &s, &m);
+        sc[j] = d * s;
+        mn[j] = dmin * m;
+    }
+}
+
+static inline void dec_q4_k(const uint8_t *b, int8_t *q, float *sc, float *mn) {
+    k4_scales(b, sc, mn);
+    const uint8_t *qs = b + 16;  /* sub-block 2c: low nibbles of qs[32c..], 2c+1: high nibbles */
+    for (int c = 0; c < 4; c++)
+        for (int l = 0; l < 32; l++) {
+            q[64 * c + l] = (int8_t)(qs[32 * c + l] & 0xF);
+            q[64 * c + 32 + l] = (int8_t)(qs[32 * c + l] >> 4);
+        }
+}
+
+static inline void dec_q5_k(const uint8_t *b, int8_t *q, float *sc, float *mn) {
+    k4_scales(b, sc, mn);
+    const uint8_t *qh = b + 16, *qs = b + 48;
+    for (int c = 0; c < 4; c++)
+        for (int l = 0; l < 32; l++) {
+            q[64 * c + l] = (int8_t)((qs[32 * c + l] & 0xF) | (((qh[l] >> (2 * c)) & 1) << 4));
+            q[64 * c + 32 + l] = (int8_t)((qs[32 * c + l] >> 4) | (((qh[l] >> (2 * c + 1)) & 1) << 4));
+        }
+}
+
+static inline void dec_q6_k(const uint8_t *b, int8_t *q, float *sc, float *mn) {
+    (void)mn;
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t *s = (const int8_t *)(b + 192);
+    const float d = f16_to_f32(b + 208);
+    for (int j = 0; j < 16; j++) sc[j] = d * s[j];
+    for (int h = 0; h < 2; h++) {  /* element 128h + 32r + l; low nibble from ql[64h + 32(r&1) + l] */
+        const uint8_t *L = ql + 64 * h, *H = qh + 32 * h;
+        int8_t *o = q + 128 * h;
+        for (int l = 0; l < 32; l++) {
+            o[l] = (int8_t)(((L[l] & 0xF) | ((H[l] & 3) << 4)) - 32);
+            o[l + 32] = (int8_t)(((L[l + 32] & 0xF) | (((H[l] >> 2) & 3) << 4)) - 32);
+            o[l + 64] = (int8_t)(((L[l] >> 4) | (((H[l] >> 4) & 3) << 4)) - 32);
+            o[l + 96] = (int8_t)(((L[l + 32] >> 4) | (((H[l] >> 6) & 3) << 4)) - 32);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ drivers */
+
+/* A float vector of VL lanes: v_fma(x, codes, acc) widens VL int8/uint8 codes to float and accumulates
+ * x * codes; the sum over lanes is taken once per output (no horizontal sum per sub-block). */
+#if defined(__AVX512F__)
+#define VL 16
+typedef __m512 vf;
+static inline vf v_zero(void) { return _mm512_setzero_ps(); }
+static inline vf v_fma_i8(const float *x, const int8_t *q, vf a) {
+    return _mm512_fmadd_ps(_mm512_loadu_ps(x), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))), a);
+}
+static inline vf v_fma_u8(const float *x, const uint8_t *q, vf a) {
+    return _mm512_fmadd_ps(_mm512_loadu_ps(x), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q))), a);
+}
+static inline vf v_scale_add(vf v, float s, vf a) { return _mm512_fmadd_ps(v, _mm512_set1_ps(s), a); }
+static inline float v_sum(vf v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VL 8
+typedef __m256 vf;
+static inline vf v_zero(void) { return _mm256_setzero_ps(); }
+static inline vf v_fma_i8(const float *x, const int8_t *q, vf a) {
+    return _mm256_fmadd_ps(_mm256_loadu_ps(x), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q))), a);
+}
+static inline vf v_fma_u8(const float *x, const uint8_t *q, vf a) {
+    return _mm256_fmadd_ps(_mm256_loadu_ps(x), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q))), a);
+}
+static inline vf v_scale_add(vf v, float s, vf a) { return _mm256_fmadd_ps(v, _mm256_set1_ps(s), a); }
+static inline float v_sum(vf v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+#else
+#define VL 1
+typedef float vf;
+static inline vf v_zero(void) { return 0.f; }
+static inline vf v_fma_i8(const float *x, const int8_t *q, vf a) { return a + x[0] * (float)q[0]; }
+static inline vf v_fma_u8(const float *x, const uint8_t *q, vf a) { return a + x[0] * (float)q[0]; }
+static inline vf v_scale_add(vf v, float s, vf a) { return a + v * s; }
+static inline float v_sum(vf v) { return v; }
+#endif
+
+/* sum over a sub-block of S (a multiple of VL) inputs of x * q, as a vector */
+static inline vf sub_i8(const float *x, const int8_t *q, int S) {
+    vf v = v_zero();
+    for (int t = 0; t < S; t += VL) v = v_fma_i8(x + t, q + t, v);
+    return v;
+}
+
+static inline vf sub_u8(const float *x, const uint8_t *q, int S) {
+    vf v = v_zero();
+    for (int t = 0; t < S; t += VL) v = v_fma_u8(x + t, q + t, v);
+    return v;
+}
+
+/* X (fp32 or bf16) -> fp32 copy; returns the pointer to use (X itself when already fp32). */
+static const float *x_f32(const void *X, int64_t M, int64_t K, int x_bf16, float **owned) {
+    *owned = NULL;
+    if (!x_bf16) return (const float *)X;
+    float *f = (float *)malloc(sizeof(float) * M * K);
+    const uint16_t *h = (const uint16_t *)X;
+    for (int64_t i = 0; i < M * K; i++) f[i] = bf16_to_f32(h[i]);
+    *owned = f;
+    return f;
+}
+
+/* Sums of x over consecutive runs of S inputs: [M, K/S] (for formats with a min / bias). */
+static float *x_sums(const float *x, int64_t M, int64_t K, int S) {
+    float *s = (float *)malloc(sizeof(float) * M * (K / S));
+    for (int64_t i = 0; i < M * (K / S); i++) {
+        float a = 0.f;
+        for (int l = 0; l < S; l++) a += x[i * S + l];
+        s[i] = a;
+    }
+    return s;
+}
+
+static inline void y_store(void *Y, int64_t idx, float v, int bf16) {
+    if (bf16) ((uint16_t *)Y)[idx] = f32_to_bf16(v);
+    else ((float *)Y)[idx] = v;
+}
+
+#define PAR_MIN 262144 /* weights per call below which one thread is as fast (fork/join costs ~ the work) */
+
+/* QK weights per block of BB bytes, sub-blocks of S weights with their own scale (and min if HASMIN). */
+#define GGUF_GEMM(NAME, QK, BB, S, DEC, HASMIN)                                                          \
+    int kq_##NAME(const uint8_t *W, int64_t N, int64_t K, const void *X, int64_t M, void *Y, int bf16,  \
+                  int nthreads) {                                                                       \
+        if (M < 1 || M > MMAX || K % QK) return -1;                                                     \
+        init_tables();                                                                                  \
+        float *owned;                                                                                   \
+        const float *x = x_f32(X, M, K, bf16, &owned);                                                  \
+        float *xs = HASMIN ? x_sums(x, M, K, S) : NULL;                                                 \
+        const int64_t nb = K / QK, ns = K / S;                                                          \
+        const int nt = (N * K >= PAR_MIN) ? nthreads : 1;                                               \
+        _Pragma("omp parallel for schedule(static) num_threads(nt) if (nt > 1)")                        \
+        for (int64_t n = 0; n < N; n++) {                                                               \
+            int8_t q[QK] __attribute__((aligned(64)));                                                  \
+            float sc[QK / S], mn[QK / S];                                                               \
+            vf acc[MMAX];                                                                               \
+            float accs[MMAX] = {0};                                                                     \
+            for (int64_t m = 0; m < M; m++) acc[m] = v_zero();                                          \
+            const uint8_t *row = W + n * nb * BB;                                                       \
+            for (int64_t ib = 0; ib < nb; ib++) {                                                       \
+                DEC(row + ib * BB, q, sc, mn);                                                          \
+                for (int64_t m = 0; m < M; m++) {                                                       \
+                    const float *xb = x + m * K + ib * QK;                                              \
+                    for (int j = 0; j < QK / S; j++) {                                                  \
+                        acc[m] = v_scale_add(sub_i8(xb + j * S, q + j * S, S), sc[j], acc[m]);          \
+                        if (HASMIN) accs[m] -= mn[j] * xs[m * ns + ib * (QK / S) + j];                  \
+                    }                                                                                   \
+                }                                                                                       \
+            }                                                                                           \
+            for (int64_t m = 0; m < M; m++) y_store(Y, m * N + n, v_sum(acc[m]) + accs[m], bf16);      \
+        }                                                                                               \
+        free(owned);                                                                                    \
+        free(xs);                                                                                       \
+        return 0;                                                                                       \
+    }
+
+GGUF_GEMM(q8_0, 32, 34, 32, dec_q8_0, 0)
+GGUF_GEMM(q4_0, 32, 18, 32, dec_q4_0, 0)
+GGUF_GEMM(mxfp4, 32, 17, 32, dec_mxfp4, 0)
+GGUF_GEMM(q5_0, 32, 22, 32, dec_q5_0, 0)
+GGUF_GEMM(q5_1, 32, 24, 32, dec_q5_1, 1)
+GGUF_GEMM(q2_k, QK_K, 84, 16, dec_q2_k, 1)
+GGUF_GEMM(q3_k, QK_K, 110, 16, dec_q3_k, 0)
+GGUF_GEMM(q4_k, QK_K, 144, 32, dec_q4_k, 1)
+GGUF_GEMM(q5_k, QK_K, 176, 32, dec_q5_k, 1)
+GGUF_GEMM(q6_k, QK_K, 210, 16, dec_q6_k, 0)
+
+/* mlx affine: codes = LSB-first bitstream per row (uint32 words), scales/biases fp32 [N, K/g];
+ * w = s * q + b.  A group of g >= 32 codes fills whole words, so every group starts on a word boundary. */
+int kq_affine(const uint32_t *codes, const float *scales, const float *biases, int bits, int group, int64_t N,
+              int64_t K, const void *X, int64_t M, void *Y, int bf16, int nthreads) {
+    if (M < 1 || M > MMAX || K % group || group > 128 || (group * bits) % 32) return -1;
+    float *owned;
+    const float *x = x_f32(X, M, K, bf16, &owned);
+    float *xs = x_sums(x, M, K, group);
+    const int64_t G = K / group, wpr = K * bits / 32, wpg = group * bits / 32;
+    const uint32_t mask = (1u << bits) - 1;
+    const int nt = (N * K >= PAR_MIN) ? nthreads : 1;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t n = 0; n < N; n++) {
+        uint8_t q[128] __attribute__((aligned(64)));
+        vf acc[MMAX];
+        float accs[MMAX] = {0};
+        for (int64_t m = 0; m < M; m++) acc[m] = v_zero();
+        for (int64_t g = 0; g < G; g++) {
+            const uint32_t *w = codes + n * wpr + g * wpg;
+            if (bits == 4) {
+                const uint8_t *by = (const uint8_t *)w;
+                for (int j = 0; j < group / 2; j++) {
+                    q[2 * j] = by[j] & 15;
+                    q[2 * j + 1] = by[j] >> 4;
+                }
+            } else if (bits == 8) {
+                memcpy(q, w, group);
+            } else if (bits == 2) {
+                const uint8_t *by = (const uint8_t *)w;
+                for (int j = 0; j < group / 4; j++)
+                    for (int t = 0; t < 4; t++) q[4 * j + t] = (by[j] >> (2 * t)) & 3;
+            } else {
+                for (int j = 0; j < group; j++) {
+                    const int p = j * bits, wi = p >> 5, off = p & 31;
+                    uint64_t two = w[wi];
+                    if (off + bits > 32) two |= (uint64_t)w[wi + 1] << 32;
+                    q[j] = (uint8_t)((two >> off) & mask);
+                }
+            }
+            const float s = scales[n * G + g], bi = biases[n * G + g];
+            for (int64_t m = 0; m < M; m++) {
+                acc[m] = v_scale_add(sub_u8(x + m * K + g * group, q, group), s, acc[m]);
+                accs[m] += bi * xs[m * G + g];
+            }
+        }
+        for (int64_t m = 0; m < M; m++) y_store(Y, m * N + n, v_sum(acc[m]) + accs[m], bf16);
+    }
+    free(owned);
+    free(xs);
+    return 0;
+}
+
+/* MXFP4 in mlx's layout: codes uint32 [N, K/8] (element j = nibble j, LSB first), E8M0 uint8 [N, K/32]. */
+int kq_mxfp4_mlx(const uint8_t *codes, const uint8_t *scales, int64_t N, int64_t K, const void *X, int64_t M,
+                 void *Y, int bf16, int nthreads) {
+    if (M < 1 || M > MMAX || K % 32) return -1;
+    init_tables();
+    float *owned;
+    const float *x = x_f32(X, M, K, bf16, &owned);
+    const int64_t G = K / 32;
+    const int nt = (N * K >= PAR_MIN) ? nthreads : 1;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t n = 0; n < N; n++) {
+        int8_t q[32] __attribute__((aligned(64)));
+        vf acc[MMAX];
+        for (int64_t m = 0; m < M; m++) acc[m] = v_zero();
+        for (int64_t g = 0; g < G; g++) {
+            const uint8_t *c = codes + n * (K / 2) + g * 16;
+            int8_t lo[16], hi[16];
+            nibble_lut(c, E2M1X2, lo, hi);
+            for (int j = 0; j < 16; j++) {
+                q[2 * j] = lo[j];
+                q[2 * j + 1] = hi[j];
+            }
+            const float h = E8M0_HALF[scales[n * G + g]];
+            for (int64_t m = 0; m < M; m++) acc[m] = v_scale_add(sub_i8(x + m * K + g * 32, q, 32), h, acc[m]);
+        }
+        for (int64_t m = 0; m < M; m++) y_store(Y, m * N + n, v_sum(acc[m]), bf16);
+    }
+    free(owned);
+    return 0;
+}

@@ -1,0 +1,151 @@
+"""Fused dequantize-matmul on CPU for packed weights: ``y = x @ dequantize(W)^T`` without materializing W.
+
+    y = qmatmul("q4_k", parts, x2, out_features)     # x2 [M, K] fp32/bf16, M <= 16; None if not possible
+
+The kernels (``csrc/qmatmul.c``) read the stored layout directly: GGUF blocks (Q8_0, Q4_0, Q5_0, Q5_1,
+MXFP4, Q2_K..Q6_K) and mlx's affine 2-8-bit / MXFP4 codes, so quantized experts stacked ``[E, ...]``
+need no repacking.  They are compiled once per machine with the host C compiler (``-O3 -march=native
+-fopenmp``) into ``$XDG_CACHE_HOME/kimiq/kernels`` on first use, never at import.  Without a compiler
+``available()`` is False and callers keep the reference path (dequantize, then ``F.linear``), which
+is what these kernels are tested against (``tests/ops/test_qmatmul.py``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "qmatmul", "GGUF_KERNELS", "MAX_ROWS", "prepare"]
+
+MAX_ROWS = 16  # activation rows per call (decode, speculative verification); prefill uses the reference path
+GGUF_KERNELS = ("q8_0", "q4_0", "mxfp4", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+_SRC = Path(__file__).parent / "csrc" / "qmatmul.c"
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+
+
+class _Lib:
+    """The loaded shared library (or the reason it is not there); one per process, built on demand."""
+
+    handle: ctypes.CDLL | None = None
+    error: str | None = None
+    tried = False
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kimiq" / "kernels"
+
+
+def _cpu_id() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    src = _SRC.read_bytes()
+    key = hashlib.sha256(src + " ".join([cc, *_FLAGS, platform.machine(), _cpu_id()]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"qmatmul-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            r = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SRC), "-lm"], capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(f"{cc} failed on {_SRC.name}:\n{r.stderr[-2000:]}")
+            os.replace(tmp, out)  # atomic: concurrent builders each write their own temp file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(out))
+    i64, vp, ci = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    for name in GGUF_KERNELS:
+        f = getattr(lib, f"kq_{name}")
+        f.argtypes, f.restype = [vp, i64, i64, vp, i64, vp, ci, ci], ci
+    lib.kq_affine.argtypes = [vp, vp, vp, ci, ci, i64, i64, vp, i64, vp, ci, ci]
+    lib.kq_mxfp4_mlx.argtypes = [vp, vp, i64, i64, vp, i64, vp, ci, ci]
+    lib.kq_affine.restype = lib.kq_mxfp4_mlx.restype = ci
+    return lib
+
+
+def _lib() -> ctypes.CDLL | None:
+    if not _Lib.tried:
+        _Lib.tried = True
+        if sys.platform == "win32":
+            _Lib.error = "not built on Windows"
+        else:
+            try:
+                _Lib.handle = _build()
+            except (RuntimeError, OSError) as e:
+                _Lib.error = str(e)
+                warnings.warn(f"kimiq: fused quantized matmul kernels unavailable, using the reference path ({e})",
+                              stacklevel=3)
+    return _Lib.handle
+
+
+def available() -> bool:
+    """True when the kernels are built (builds them on the first call)."""
+    return _lib() is not None
+
+
+def prepare(fmt: str, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The tensors a kernel reads for ``fmt`` (fp32 scales for mlx affine), or None if no kernel takes it.
+    Done once per module; for stacked experts the leading ``[E]`` dim is kept."""
+    if fmt in GGUF_KERNELS:
+        return {"weight": parts["weight"].contiguous()}
+    if fmt.startswith("affine"):
+        return {"weight": parts["weight"].contiguous(), "scales": parts["scales"].float().contiguous(),
+                "biases": parts["biases"].float().contiguous()}
+    if fmt == "mxfp4-mlx":
+        return {"weight": parts["weight"].contiguous(), "scales": parts["scales"].contiguous()}
+    return None
+
+
+def _ptr(t: torch.Tensor, index: int | None) -> int:
+    if index is None:
+        return t.data_ptr()
+    return t.data_ptr() + index * t.stride(0) * t.element_size()
+
+
+def qmatmul(fmt: str, prepared: dict[str, torch.Tensor], x2: torch.Tensor, out_features: int,
+            index: int | None = None) -> torch.Tensor | None:
+    """``x2 [M, K] @ W^T -> [M, out_features]`` in x2's dtype, W given by ``prepare``'s tensors (``index``:
+    which expert of a stacked ``[E, ...]`` set).  None when the kernel cannot run (no library, device,
+    dtype, too many rows): the caller then takes the reference path."""
+    M, K = x2.shape
+    if (M > MAX_ROWS or x2.device.type != "cpu" or x2.dtype not in (torch.float32, torch.bfloat16)
+            or _lib() is None):
+        return None
+    lib = _Lib.handle
+    x2 = x2.contiguous()
+    y = torch.empty(M, out_features, dtype=x2.dtype)
+    bf16, nt = int(x2.dtype == torch.bfloat16), torch.get_num_threads()
+    w = _ptr(prepared["weight"], index)
+    if fmt in GGUF_KERNELS:
+        rc = getattr(lib, f"kq_{fmt}")(w, out_features, K, x2.data_ptr(), M, y.data_ptr(), bf16, nt)
+    elif fmt == "mxfp4-mlx":
+        rc = lib.kq_mxfp4_mlx(w, _ptr(prepared["scales"], index), out_features, K, x2.data_ptr(), M, y.data_ptr(),
+                              bf16, nt)
+    else:  # affine{bits}-g{group}
+        bits, group = int(fmt[6]), int(fmt.split("-g")[1])
+        rc = lib.kq_affine(w, _ptr(prepared["scales"], index), _ptr(prepared["biases"], index), bits, group,
+                           out_features, K, x2.data_ptr(), M, y.data_ptr(), bf16, nt)
+    return y if rc == 0 else None

@@ -1,0 +1,89 @@
+"""Fused dequantize-matmul kernels (kimiq/ops/qmatmul.py) against the reference: dequantize, then matmul.
+
+Tolerances by activation dtype, relative to max |reference output|: fp32 only sees a different summation
+order; bf16 activations also round the output to bf16.
+"""
+
+import shutil
+
+import pytest
+import torch
+
+from kimiq.ops import qmatmul
+from kimiq.quant.formats import get_format
+from kimiq.quant.modules import QuantExperts, QuantLinear
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
+FORMATS = [*qmatmul.GGUF_KERNELS, "affine2-g32", "affine3-g64", "affine4-g64", "affine5-g128", "affine6-g32",
+           "affine8-g64", "affine4-g128", "mxfp4-mlx"]
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler: the kernels cannot be built (the reference path runs)")
+
+
+def test_builds():
+    assert qmatmul.available(), qmatmul._Lib.error
+
+
+def _weights(fmt: str, N: int, K: int, seed: int):
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed))
+    w[0, :7] *= 30  # an outlier row start: scales must vary
+    src = w.to(torch.bfloat16) if fmt.startswith(("affine", "mxfp4-mlx")) else w  # mlx formats keep the dtype
+    f = get_format(fmt)
+    parts = f.quantize(src)
+    return parts, f.dequantize(parts, (N, K))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_reference(fmt, dtype):
+    N, K = 37, 512
+    parts, w_ref = _weights(fmt, N, K, seed=len(fmt))
+    prepared = qmatmul.prepare(fmt, parts)
+    for M in (1, 3, qmatmul.MAX_ROWS):
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(dtype)
+        y = qmatmul.qmatmul(fmt, prepared, x, N)
+        assert y is not None and y.dtype == dtype and y.shape == (M, N)
+        ref = x.float() @ w_ref.t()
+        err = (y.float() - ref).abs().max() / ref.abs().max()
+        assert err <= TOL[dtype], (fmt, M, float(err))
+
+
+def test_threads_and_rows_limit():
+    N, K = 1024, 512  # above the size where the kernel goes parallel
+    parts, w_ref = _weights("q6_k", N, K, 0)
+    prepared = qmatmul.prepare("q6_k", parts)
+    x = torch.randn(2, K)
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            outs.append(qmatmul.qmatmul("q6_k", prepared, x, N))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0], outs[1])  # rows are independent: threads do not change the sums
+    assert qmatmul.qmatmul("q6_k", prepared, torch.randn(qmatmul.MAX_ROWS + 1, K), N) is None  # prefill: reference
+    assert qmatmul.prepare("bf16", {"weight": w_ref}) is None
+
+
+@pytest.mark.parametrize("fmt", ["q6_k", "q8_0", "mxfp4", "affine3-g64"])
+def test_modules_fast_equals_reference(fmt):
+    """QuantLinear and QuantExperts take the fused kernel for decode-sized inputs and equal use_fast=False."""
+    N, K, E = 96, 256, 3
+    got = [_weights(fmt, N, K, s) for s in range(E)]
+    lin = QuantLinear(fmt, K, N, got[0][0])
+    x = torch.randn(1, 2, K)
+    fast = lin(x)
+    assert lin._fused  # the kernel was used
+    lin.use_fast = False
+    torch.testing.assert_close(fast, lin(x), rtol=0, atol=TOL[torch.float32] * float(lin(x).abs().max()))
+
+    stacked = {k: torch.stack([p[k] for p, _ in got]) for k in got[0][0]}  # [E, N, ...]: experts' w2 [N, K]
+    exp = QuantExperts({p: fmt for p in ("w1", "w3", "w2")}, {p: (N, K) for p in ("w1", "w3", "w2")},
+                       {p: {k: v.clone() for k, v in stacked.items()} for p in ("w1", "w3", "w2")}, E)
+    xe = torch.randn(4, K)
+    for e in range(E):
+        fast = exp._matmul(xe, "w2", e)
+        ref = xe @ got[e][1].t()
+        assert float((fast - ref).abs().max() / ref.abs().max()) <= TOL[torch.float32]
