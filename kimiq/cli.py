@@ -5,6 +5,9 @@
     kimiq verify   DIR                                  SHA256SUMS + tensor inventory against config.json
     kimiq train    --preset default                     rebuild the embedded default model (seeded, resumable)
     kimiq eval bpb [-m DIR]                             held-out bits per byte next to xz -9e
+    kimiq eval ppl [-m DIR] [--ctx 512]                 perplexity +- SE over ctx windows (llama.cpp's second half)
+    kimiq eval kld --base DIR | --base-logits FILE      KL divergence, PPL ratio, flips of a model against a base
+    kimiq eval compare DIR... [--md F --csv F --plot F] size, bpw, PPL, KLD of several builds
     kimiq quantize [-m DIR] -r q4_k_m -o OUT            quantize a checkpoint (--list: the recipes)
     kimiq export   [-m DIR] --gguf OUT.gguf | --mlx DIR  write a GGUF for llama.cpp, or an mlx-lm directory
 
@@ -30,10 +33,11 @@ def _torch_dtype(name: str):
 
 
 # ---------------------------------------------------------------------------------------------- shared options
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("-m", "--model", metavar="DIR", help="checkpoint directory in Hugging Face layout "
-                   "(config.json, safetensors shards + index, tiktoken.model); default: the embedded model")
+    if model:
+        g.add_argument("-m", "--model", metavar="DIR", help="checkpoint directory in Hugging Face layout "
+                       "(config.json, safetensors shards + index, tiktoken.model); default: the embedded model")
     g.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="compute dtype; auto = fp32 on CPU for small models, else the checkpoint's (default: auto)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
@@ -236,9 +240,143 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("--max-context", type=int, default=None, help="fresh state every N tokens (default: the whole "
                    "file is context)")
     _add_model_args(b)
+    p_ = sub.add_parser("ppl", help="perplexity +- SE over non-overlapping ctx-token windows (llama-perplexity)",
+                        description="Perplexity over non-overlapping windows of --ctx tokens, each from a fresh "
+                        "state; by default only the second half of each window is scored, as llama-perplexity.")
+    _add_window_args(p_)
+    _add_model_args(p_)
+    k = sub.add_parser("kld", help="KL(base || model), PPL ratio, Δp and top-1 flips against a base model",
+                       description="KL divergence of --model against a base on the same windows: exact with "
+                       "--base DIR (both models run), or against a file saved by --save-base-logits.")
+    g = k.add_mutually_exclusive_group(required=True)
+    g.add_argument("--base", metavar="DIR", help="base checkpoint (full-vocabulary KL)")
+    g.add_argument("--base-logits", metavar="FILE", help="base summary saved by --save-base-logits; its tokens "
+                   "and windows are used (window options, if given, must match)")
+    k.add_argument("--save-base-logits", metavar="FILE",
+                   help="with --base: also save the base's log-probs (see --top-k)")
+    k.add_argument("--top-k", type=int, default=0, help="log-probs per position kept by --save-base-logits: "
+                   "0 = the full vocabulary (exact KL; default), K = the top K + the rest as one bucket (smaller "
+                   "file, KL a lower bound)")
+    k.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    _add_window_args(k)
+    _add_model_args(k)
+    c = sub.add_parser("compare", help="size, bits per weight, PPL and KLD of several builds; md/csv/png",
+                       description="Run every build over the same windows: size on disk, bits per weight, "
+                       "PPL +- SE, mean KLD and top-1 flip rate against the base (default: the first DIR).")
+    c.add_argument("dirs", nargs="+", metavar="DIR", help="checkpoint directories (full precision or quantized)")
+    c.add_argument("--base", metavar="DIR", help="reference build for KLD (default: the first DIR)")
+    c.add_argument("--top-k", type=int, default=0, help="keep only the base's top-k log-probs in memory "
+                   "(default 0: the full vocabulary, exact KL, positions x vocab x 4 bytes)")
+    c.add_argument("--md", metavar="FILE", help="write the markdown table")
+    c.add_argument("--csv", metavar="FILE", help="write the rows as CSV")
+    c.add_argument("--plot", metavar="PNG", help="plot mean KLD (log) vs size with the Pareto front (matplotlib)")
+    _add_window_args(c)
+    _add_model_args(c, model=False)
+
+
+def _add_window_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data and windows")
+    g.add_argument("--data", metavar="FILE", help="a text file, scored as one [EOS]-prefixed document (default: "
+                   "the default model's held-out split, stdlib test files)")
+    g.add_argument("--ctx", type=int, default=None, help="tokens per window (default 512)")
+    g.add_argument("--limit-tokens", type=int, default=None, metavar="N", help="use only the first N tokens")
+    g.add_argument("--score", choices=("second-half", "all"), default=None, help="score the second half of each "
+                   "window (llama.cpp; default) or every position but the first (mlx-lm)")
+
+
+def _window_tokens(args, tok):
+    from pathlib import Path
+
+    from kimiq.eval.ppl import Windows, heldout_tokens, token_stream
+
+    if args.data:
+        tokens = token_stream(tok, [Path(args.data).read_text(encoding="utf-8")])
+    else:
+        tokens = heldout_tokens(tok, args.limit_tokens)
+    return tokens, Windows.over(len(tokens), args.ctx or 512, args.score or "second-half", args.limit_tokens)
+
+
+def _bar(desc: str, total: int):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, dynamic_ncols=True, unit="window")
+
+    def tick(_window: int) -> None:
+        bar.update(1)
+        if bar.n >= total:
+            bar.close()
+
+    return tick
 
 
 def _eval(args) -> int:
+    return {"bpb": _eval_bpb, "ppl": _eval_ppl, "kld": _eval_kld, "compare": _eval_compare}[args.metric](args)
+
+
+def _eval_ppl(args) -> int:
+    from kimiq.eval.ppl import perplexity
+
+    model, tok = _load(args)
+    tokens, w = _window_tokens(args, tok)
+    res = perplexity(model, tok, tokens[: w.n_tokens], ctx=w.ctx, score=w.score, progress=_bar("ppl", w.n))
+    print(res.report)
+    return 0
+
+
+def _eval_kld(args) -> int:
+    import json
+
+    from kimiq.eval.kld import BaseLogits, kld_vs_model, kld_vs_saved
+
+    model, tok = _load(args)
+    if args.base_logits:
+        if args.save_base_logits:
+            raise ValueError("--save-base-logits needs --base DIR")
+        base = BaseLogits.load(args.base_logits)
+        if args.data or args.ctx or args.score or args.limit_tokens:  # check the data; unset options: the file's
+            w = base.windows
+            given = argparse.Namespace(**{**vars(args), "ctx": args.ctx or w.ctx, "score": args.score or w.score,
+                                          "limit_tokens": args.limit_tokens or w.n_tokens})
+            base.check(*_window_tokens(given, tok), n_vocab=model.config.vocab_size)
+        res = kld_vs_saved(model, base, progress=_bar("kld", base.windows.n))
+        kept = "full distributions" if base.ids is None else f"top-{base.k} of {base.n_vocab} + rest"
+        print(f"base: {base.source or args.base_logits} ({kept})")
+    else:
+        tokens, w = _window_tokens(args, tok)
+        base_model, _ = _load(argparse.Namespace(**{**vars(args), "model": args.base}))
+        k = args.top_k if args.save_base_logits else None
+        res = kld_vs_model(model, base_model, tokens, w, save_k=k, source=args.base, progress=_bar("kld", w.n))
+        if args.save_base_logits:
+            res.base.save(args.save_base_logits)
+            print(f"saved base logits to {args.save_base_logits}", file=sys.stderr)
+    print(res.report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res.report.to_dict(), f, indent=2)
+    return 0
+
+
+def _eval_compare(args) -> int:
+    from pathlib import Path
+
+    from kimiq.eval.compare import compare_builds, markdown, plot, write_csv
+
+    rows = compare_builds(args.dirs, lambda path: _load(argparse.Namespace(**{**vars(args), "model": path})),
+                          base=args.base, tokens_for=lambda tok: _window_tokens(args, tok)[0], ctx=args.ctx or 512,
+                          score=args.score or "second-half", limit_tokens=args.limit_tokens, top_k=args.top_k,
+                          progress=_bar)
+    table = markdown(rows)
+    print(table)
+    if args.md:
+        Path(args.md).write_text(table + "\n")
+    if args.csv:
+        write_csv(rows, args.csv)
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+def _eval_bpb(args) -> int:
     import platform
 
     from kimiq.eval.bpb import heldout_bpb
@@ -333,7 +471,7 @@ COMMANDS = {
     "generate": (_generate_args, _generate, "continue a prompt with a model (streamed)"),
     "chat": (_chat_args, _chat, "chat with a model; the state is kept between turns"),
     "verify": (_verify_args, _verify, "check a checkpoint's SHA256SUMS and tensor inventory"),
-    "eval": (_eval_args, _eval, "measure a model: bpb (bits per byte on held-out text vs xz)"),
+    "eval": (_eval_args, _eval, "measure a model: bpb (bits per byte vs xz), ppl, kld against a base, compare builds"),
     "train": (_train_args, _train, "rebuild the tokenizer and a small Kimi-Linear from the stdlib sources (seeded)"),
     "quantize": (_quantize_args, _quantize, "quantize a checkpoint with a recipe (GGUF k-quants, MXFP4, mlx affine)"),
     "export": (_export_args, _export, "write a checkpoint for llama.cpp (GGUF) or mlx-lm"),
