@@ -10,6 +10,7 @@
     kimiq eval compare DIR... [--md F --csv F --plot F] size, bpw, PPL, KLD of several builds
     kimiq quantize [-m DIR] -r q4_k_m -o OUT            quantize a checkpoint (--list: the recipes)
     kimiq export   [-m DIR] --gguf OUT.gguf | --mlx DIR  write a GGUF for llama.cpp, or an mlx-lm directory
+    kimiq imatrix  [-m DIR] -o imatrix.safetensors      importance matrix for quantize --imatrix (llama-imatrix)
 
 Without ``--model`` the embedded default model is used.  Each subcommand has ``add_args(p)``
 and ``run(args)``; this module only wires them up.
@@ -436,6 +437,41 @@ def _quantize(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- imatrix
+def _imatrix_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--out", metavar="FILE", required=True, help="output file (safetensors: checkpoint tensor "
+                   "name -> float32 [in] mean squared activation); pass it to kimiq quantize --imatrix")
+    p.add_argument("--data", metavar="FILE", help="calibration text (default: the default model's validation "
+                   "split, stdlib files; never the test split kimiq eval scores)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per window, each from a fresh state (default 512)")
+    p.add_argument("--limit-tokens", type=int, default=32768, metavar="N", help="calibration tokens (default 32768)")
+    _add_model_args(p)
+
+
+def _imatrix(args) -> int:
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from kimiq.eval.ppl import heldout_tokens, token_stream
+    from kimiq.quant.imatrix import collect_imatrix, save_imatrix
+
+    model, tok = _load(args)
+    if args.data:
+        tokens = token_stream(tok, [Path(args.data).read_text(encoding="utf-8")])[: args.limit_tokens]
+    else:
+        tokens = heldout_tokens(tok, args.limit_tokens, split="validation")[: args.limit_tokens]
+    windows = [tokens[a : a + args.ctx].view(1, -1).to(model.device) for a in range(0, len(tokens), args.ctx)]
+    bar = tqdm(total=len(windows), desc="imatrix", unit="window", dynamic_ncols=True)
+    imat = collect_imatrix(model, windows, progress=lambda _: bar.update(1))
+    bar.close()
+    meta = {"data": args.data or "stdlib validation split", "tokens": len(tokens), "ctx": args.ctx,
+            "model": str(args.model or "default")}
+    print(f"{len(imat)} tensors from {len(tokens):,} tokens in {len(windows)} windows -> "
+          f"{save_imatrix(imat, args.out, meta)}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- export
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", metavar="DIR", help="kimiq checkpoint, full precision or quantized "
@@ -475,6 +511,7 @@ COMMANDS = {
     "train": (_train_args, _train, "rebuild the tokenizer and a small Kimi-Linear from the stdlib sources (seeded)"),
     "quantize": (_quantize_args, _quantize, "quantize a checkpoint with a recipe (GGUF k-quants, MXFP4, mlx affine)"),
     "export": (_export_args, _export, "write a checkpoint for llama.cpp (GGUF) or mlx-lm"),
+    "imatrix": (_imatrix_args, _imatrix, "collect an importance matrix (mean squared activations) for quantize"),
 }
 
 
