@@ -7,8 +7,9 @@ Per precision the same weights go to every engine: llama.cpp reads kimiq's GGUF 
 --gguf``; for q4_k_m / mxfp4_moe the very blocks kimiq runs), transformers loads the checkpoint directory
 (fp32 / bf16 only: it has no GGUF path for this architecture).  Each repetition runs a prefill of
 ``--prompt`` tokens into a fresh state, then ``--gen`` single-token decode steps (the same fixed token
-ids in every engine, no sampling).  Repetitions are interleaved across engines so background load hits
-all alike; the table shows the median, the spread (max - min) / 2 and kimiq / peer ratios.
+ids in every engine, no sampling); kimiq decodes with its compiled step (``DecodeStep``) unless
+``--no-compile``.  Repetitions are interleaved across engines so background load hits all alike; the
+table shows the median, the spread (max - min) / 2 and kimiq / peer ratios.
 
 llama.cpp comes from llama-cpp-python (``pip install llama-cpp-python==0.3.36``, built from source: it
 has no wheel); without it, or without transformers, those columns are skipped.
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from kimiq import default_model_path
+from kimiq.generate.fast import DecodeStep
 from kimiq.model.weights import load_model
 from kimiq.quant.modules import quantize
 
@@ -34,11 +36,12 @@ GGUF_TYPE = {"fp32": "f32", "bf16": "bf16", "q8_0": "q8_0", "q4_k_m": "q4_k_m", 
 class Kimiq:
     name = "kimiq"
 
-    def __init__(self, path: str, precision: str):
+    def __init__(self, path: str, precision: str, compile: bool = True):
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         self.model = load_model(path, dtype=dtype).eval()
         if precision not in ("fp32", "bf16"):
             quantize(self.model, precision)
+        self.step = DecodeStep(self.model) if compile else self.model  # compiled on the warm-up run
 
     @torch.inference_mode()
     def run(self, prompt: list[int], gen: list[int]) -> tuple[float, float]:
@@ -48,7 +51,7 @@ class Kimiq:
         self.model(ids, state, last_only=True)
         t1 = time.perf_counter()
         for t in gen:
-            self.model(torch.tensor([[t]]), state, last_only=True)
+            self.step(torch.tensor([[t]]), state, last_only=True)
         t2 = time.perf_counter()
         return len(prompt) / (t1 - t0), len(gen) / (t2 - t1)
 
@@ -100,7 +103,7 @@ class Transformers:
 
 
 def _engines(path: str, precision: str, args, workdir: Path) -> list:
-    out = [Kimiq(path, precision)]
+    out = [Kimiq(path, precision, args.compile)]
     try:
         out.append(LlamaCpp(path, precision, args.prompt + args.gen + 8, torch.get_num_threads(), workdir))
     except ImportError:
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gen", type=int, default=64, help="decode steps (default 64)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="threads for every engine (default: torch's count)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="kimiq decodes eagerly instead of "
+                    "with the torch.compile'd step (kimiq.generate.fast; compiled during the warm-up run)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg_vocab - 300, (args.prompt + args.gen,), generator=g).tolist()  # below the specials
     prompt, gen = ids[: args.prompt], ids[args.prompt:]
-    print(f"model {path}; CPU threads {torch.get_num_threads()}; prompt {args.prompt}, decode {args.gen}, "
+    print(f"model {path}; CPU threads {torch.get_num_threads()}; kimiq decode {'compiled' if args.compile else 'eager'}; "
+          f"prompt {args.prompt}, decode {args.gen}, "
           f"{args.reps} interleaved reps; {time.strftime('%Y-%m-%d %H:%M')}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -136,6 +136,7 @@ def generate_tokens(
     stats: GenerationStats | None = None,
     prefill_chunk_size: int = 0,
     vocab_limit: int | None = None,
+    decode=None,
 ) -> Generator[Step, None, GenerationStats]:
     """Prefill ``prompt_ids`` (one list, or one list per row) then yield one ``Step`` per decode step.
 
@@ -146,6 +147,8 @@ def generate_tokens(
     The repetition penalty sees this call's prompt + generated ids (not earlier turns in ``state``).
     ``vocab_limit``: never sample ids >= this (a model's embedding is often padded past its tokenizer's
     vocabulary; those rows are never trained and have no text).
+    ``decode``: what runs the single-token steps, called like the model (e.g. ``kimiq.generate.fast.DecodeStep``,
+    the compiled step); default the model itself.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -208,7 +211,7 @@ def generate_tokens(
         t0 = time.perf_counter()
         feed = torch.tensor([[t if a else 0] for t, a in zip(tokens, active)], dtype=torch.long, device=device)
         n_valid = None if all(active) else torch.tensor(active, dtype=torch.long, device=device)
-        logits = model(feed, state, n_valid=n_valid, last_only=True)[:, 0]  # [B, V]
+        logits = (decode or model)(feed, state, n_valid=n_valid, last_only=True)[:, 0]  # [B, V]
         sampled = pick(logits)
         tokens = [s if a else 0 for s, a in zip(sampled, active)]
         stats.decode_tokens += sum(active)

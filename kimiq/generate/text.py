@@ -93,13 +93,13 @@ def _check_stop_strings(stop_strings: Sequence[str]) -> tuple[str, ...]:
 
 def _stream(model, tokenizer, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
             stops: tuple[str, ...], stop_ids: set[int], state, generator: torch.Generator | None,
-            result: GenerationResult, skip_special: bool, prefill_chunk_size: int) -> Iterator[str]:
+            result: GenerationResult, skip_special: bool, prefill_chunk_size: int, decode=None) -> Iterator[str]:
     decoder = tokenizer.stream(skip_special=skip_special)
     matcher = _StopStrings(stops)
     steps = generate_tokens(model, prompt_ids, params, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                             state=state, generator=generator, stats=result.stats,
                             prefill_chunk_size=prefill_chunk_size,
-                            vocab_limit=min(tokenizer.vocab_size, model.config.vocab_size))
+                            vocab_limit=min(tokenizer.vocab_size, model.config.vocab_size), decode=decode)
     try:
         for step in steps:
             tok, reason = step.tokens[0], step.finished[0]
@@ -138,11 +138,13 @@ def generate_text(
     generator: torch.Generator | None = None,
     result: GenerationResult | None = None,
     prefill_chunk_size: int = 0,
+    decode=None,
 ) -> Iterator[str]:
     """Stream the completion of ``prompt`` (text, encoded with ``allow_special``, or ids) as text chunks.
 
     ``stop_ids`` default ``default_stop_ids(model, tokenizer)``; ``skip_special`` drops special tokens
     from the text.  ``result`` (optional) receives the ids, text, finish reason and timing stats.
+    ``decode``: runs the single-token steps (``kimiq.generate.fast.DecodeStep``); default the model.
     """
     stops = _check_stop_strings(stop_strings)
     ids = tokenizer.encode(prompt, allow_special=allow_special) if isinstance(prompt, str) else list(prompt)
@@ -151,7 +153,7 @@ def generate_text(
     if stop_ids is None:
         stop_ids = default_stop_ids(model, tokenizer)
     return _stream(model, tokenizer, ids, params, max_new_tokens, stops, stop_ids, state, generator,
-                   result if result is not None else GenerationResult(), skip_special, prefill_chunk_size)
+                   result if result is not None else GenerationResult(), skip_special, prefill_chunk_size, decode)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -189,8 +191,10 @@ class ChatSession:
         skip_special: bool = True,
         prefill_chunk_size: int = 0,
         template_kwargs: Mapping[str, Any] | None = None,
+        decode=None,
     ) -> None:
         self.model = model
+        self.decode = decode  # runs the single-token steps (kimiq.generate.fast.DecodeStep); None: the model
         self.tokenizer = tokenizer
         self.params = params
         self.max_new_tokens = max_new_tokens
@@ -300,7 +304,7 @@ class ChatSession:
         try:
             yield from _stream(self.model, self.tokenizer, todo[-1:], params, max_new_tokens, stops,
                                self.stop_ids, self.state, self.generator, result, self.skip_special,
-                               self.prefill_chunk_size)
+                               self.prefill_chunk_size, self.decode)
         finally:
             consumed = int(self.state.lengths[0]) - before
             self.tokens += (todo[-1:] + result.token_ids)[:consumed]

@@ -90,6 +90,30 @@ class KimiMLAAttention(nn.Module):
             out = self._expanded(q, kv, mask)
         return self.o_proj(out.reshape(B, T, H * self.v_dim))
 
+    def decode(self, x: torch.Tensor, past: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One new token per row without touching the cache: x [B, 1, D]; ``past`` [B, L, R + rope] the cached
+        entries (slot j of row b valid for j < lengths[b]); returns (y [B, 1, D], the new entries [B, 1, R + rope]
+        for the caller to store at ``lengths``).  The absorbed form, with the new token's score and value kept
+        apart so ``past`` is only read (no cat of the cache); the compiled decode step runs this."""
+        B, L = x.shape[0], past.shape[1]
+        H = self.num_heads
+        q = self.q_proj(x).view(B, H, self.nope + self.rope)
+        new = self.latent(x)  # [B, 1, R + rope]
+        w_uk, w_uv = split_kv_b(self.kv_b_proj.weight, H, self.nope, self.v_dim)  # [H, nope, R], [H, v, R]
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_lat = torch.cat([torch.einsum("bhn,hnr->bhr", q_nope, w_uk), q_pe], dim=-1)  # [B, H, R + rope]
+        # one product over whole (contiguous) cache rows: q_lat . c + q_pe . k_pe
+        s_past = torch.einsum("bhd,bld->bhl", q_lat, past.to(x.dtype))  # [B, H, L]
+        s_new = (q_lat * new).sum(-1, keepdim=True)  # [B, H, 1]
+        scores = torch.cat([s_past, s_new], dim=-1).float() * self.scale  # [B, H, L + 1]
+        valid = torch.arange(L, device=x.device).view(1, L) < lengths.view(B, 1)  # [B, L]
+        valid = torch.cat([valid, valid.new_ones(B, 1)], dim=-1)  # the new token: always
+        p = scores.masked_fill(~valid.unsqueeze(1), float("-inf")).softmax(-1).to(x.dtype)
+        p_past, p_new = p.split([L, 1], dim=-1)
+        o_lat = torch.einsum("bhl,bld->bhd", p_past, past.to(x.dtype)) + p_new * new  # [B, H, R + rope]
+        o = torch.einsum("bhr,hvr->bhv", o_lat[..., : self.rank], w_uv)  # [B, H, v]
+        return self.o_proj(o.reshape(B, 1, H * self.v_dim)), new
+
     def _expanded(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, H, _ = q.shape
         S = kv.shape[1]

@@ -75,6 +75,18 @@ class Experts(nn.Module):
         return dispatch(x, weights, idx, self.w1.shape[0], expert)
 
 
+    def gathered(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``forward``'s sum as reductions over each token's k chosen experts, in fp32: no host sync and no
+        Python loop over experts.  Eagerly it copies the chosen [N, k, I, D] weights (slow); under
+        torch.compile inductor fuses the gather into the reductions, so decode reads just those rows."""
+        xf = x.float()[:, None, None, :]  # [N, 1, 1, D]
+        gate = (self.w1[idx].float() * xf).sum(-1)  # [N, k, I]
+        up = (self.w3[idx].float() * xf).sum(-1)
+        h = (F.silu(gate) * up)[:, :, None, :]  # [N, k, 1, I]
+        y = (self.w2[idx].float() * h).sum(-1)  # [N, k, D]
+        return (y * weights[..., None]).sum(1).to(x.dtype)
+
+
 def dispatch(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, num_experts: int,
              expert: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Grouped routing shared by ``Experts`` and quantized twins: ``sum_k weights[:, k] * expert(idx[:, k], x)``.
@@ -118,6 +130,19 @@ class SparseMoE(nn.Module):
         flat = x.reshape(-1, shape[-1])  # [N, D]
         w, idx = self.gate(flat)
         out = self.experts(flat, w, idx)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(shape)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` for a few tokens without host syncs (``Experts.gathered``) where the experts are plain
+        tensors; quantized twins keep their own dispatch."""
+        if not isinstance(self.experts, Experts):
+            return self(x)
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [N, D]
+        w, idx = self.gate(flat)
+        out = self.experts.gathered(flat, w, idx)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(shape)

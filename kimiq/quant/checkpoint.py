@@ -144,9 +144,10 @@ def checkpoint_inventory_shape(cfg: ModelConfig, name: str) -> tuple[int, int]:
 def quantize_checkpoint(
     src: str | Path, recipe: str | Recipe, out: str | Path, *, imatrix: dict[str, torch.Tensor] | None = None,
     max_shard_bytes: int = 4 * 10**9, overwrite: bool = False, progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, extra_files: dict[str, str] | None = None,
 ) -> Path:  # fmt: skip
-    """Quantize checkpoint ``src`` with ``recipe`` into ``out`` (see the module docstring)."""
+    """Quantize checkpoint ``src`` with ``recipe`` into ``out`` (see the module docstring).  ``extra_files``
+    (name -> text) are written into ``out`` with the rest, inside the same atomic rename and in SHA256SUMS."""
     src, out = Path(src), Path(out)
     recipe = get_recipe(recipe) if not isinstance(recipe, Recipe) else recipe
     cfg = ModelConfig.from_file(src)
@@ -244,6 +245,8 @@ def quantize_checkpoint(
         for p in sorted(src.iterdir()):  # tokenizer, chat template, ...
             if p.is_file() and p.name not in _MODEL_FILES and not p.name.endswith(".safetensors"):
                 shutil.copyfile(p, tmp / p.name)
+        for fname, text in (extra_files or {}).items():
+            _write_small(tmp / fname, text)
         for p in tmp.iterdir():
             sums.setdefault(p.name, _sha256(p))
         _write_small(tmp / SUMS_FILE, "".join(f"{h}  {n}\n" for n, h in sorted(sums.items())))

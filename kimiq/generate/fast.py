@@ -1,0 +1,100 @@
+"""The compiled decode step: one token per row through the whole model as one ``torch.compile`` graph.
+
+    step = DecodeStep(model)                  # compile=False: the same function run eagerly
+    logits = step(ids, state)                 # == model(ids, state, last_only=True) for ids [B, 1]
+
+Eager decode of a small model is bound by per-op overhead (~60 kernels per KDA layer, each a few µs of
+Python and dispatch around microseconds of math), so the whole step is one pure function that inductor
+fuses: ``decode_step`` takes the KDA states (updated in place: conv taps and fp32 recurrent state) and a
+read-only view of each MLA latent cache ``[B, L, R + rope]`` (L marked dynamic, so one graph serves every
+context length), and returns the logits and the new latent entries, which ``DecodeStep`` then writes at
+``state.lengths``.  MLA runs ``KimiMLAAttention.decode`` (absorbed, the cache only read); routed experts run
+``Experts.gathered`` (no host sync: inductor fuses the expert gather into the reductions, reading only the
+chosen experts).  Anything else (prefill, rows that sit out a step, a state with fewer than 2 cached tokens,
+where sizes 0 and 1 would specialise the graph) goes to ``model(...)`` unchanged.
+
+Quantized models (``kimiq.quant`` modules, whose CPU kernels are ctypes calls that would break the graph) run
+the same function eagerly for now.  The first call compiles (tens of seconds on 2 cores; inductor caches the
+result on disk, so later processes take a few seconds).  ``tests/generate/test_fast.py`` checks it against ``model(...)``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kimiq.config import LAYER_KDA
+from kimiq.model.state import KDAState, MLAState
+
+__all__ = ["DecodeStep", "decode_step"]
+
+
+def decode_step(model, ids: torch.Tensor, kda: list[KDAState], past: list[torch.Tensor], lengths: torch.Tensor):
+    """ids [B, 1]; ``kda``: the KDA layers' states in layer order (updated in place); ``past``: per MLA layer
+    its cache ``[B, L, R + rope]`` (slot j of row b valid for j < lengths[b]).  Returns (logits [B, V] fp32,
+    per MLA layer the new entries [B, 1, R + rope])."""
+    x = model.model.embed_tokens(ids)  # [B, 1, D]
+    news = []
+    ki = mi = 0
+    for layer in model.model.layers:
+        h = layer.input_layernorm(x)
+        if layer.layer_type == LAYER_KDA:
+            a = layer.self_attn(h, kda[ki])
+            ki += 1
+        else:
+            a, new = layer.self_attn.decode(h, past[mi], lengths)
+            news.append(new)
+            mi += 1
+        x = x + a
+        h = layer.post_attention_layernorm(x)
+        x = x + (layer.block_sparse_moe.decode(h) if hasattr(layer, "block_sparse_moe") else layer.mlp(h))
+    return model.lm_head(model.model.norm(x[:, 0])).float(), news
+
+
+class DecodeStep:
+    """``model(ids, state, n_valid=..., last_only=True)`` with single-token steps through ``decode_step``
+    (compiled by default); other calls go to the model."""
+
+    def __init__(self, model, *, compile: bool = True):
+        self.model = model
+        # quantized modules call ctypes kernels: graph breaks, which measured no faster than eager (q4_k_m,
+        # 2026-12-01), so a quantized model runs the same function eagerly until they are custom ops
+        self.compiled = compile and not any(type(m).__name__.startswith("Quant") for m in model.modules())
+        # no guards on the model's modules and parameters (checking them cost ~1.2 ms a step, a third of it):
+        # the graph is this model's, so change the model (quantize, load other weights) before building the step
+        guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        self.fn = torch.compile(decode_step, options=guards) if self.compiled else decode_step
+
+    @torch.inference_mode()
+    def warmup(self, batch_size: int = 1) -> float:
+        """Compile now (a throwaway state: 2 tokens of prefill, one step), so timings after it are the step's own;
+        returns the seconds it took."""
+        t0 = time.perf_counter()
+        state = self.model.new_state(batch_size, capacity=4)
+        ids = torch.zeros(batch_size, 2, dtype=torch.long, device=self.model.device)
+        self.model(ids, state, last_only=True)
+        self(ids[:, :1], state)
+        return time.perf_counter() - t0
+
+    def __call__(self, ids: torch.Tensor, state=None, *, n_valid: torch.Tensor | None = None,
+                 last_only: bool = True) -> torch.Tensor:
+        B, T = ids.shape
+        if state is None or T != 1 or not last_only or (n_valid is not None and bool((n_valid != 1).any())):
+            return self.model(ids, state, n_valid=n_valid, last_only=last_only)
+        L = int(state.lengths.max())
+        if L < 2:
+            return self.model(ids, state, last_only=True)
+        kda = [s for s in state.layers if isinstance(s, KDAState)]
+        mla = [s for s in state.layers if isinstance(s, MLAState)]
+        past = [s.latent[:, :L] for s in mla]
+        for p in past:
+            torch._dynamo.maybe_mark_dynamic(p, 1)
+        ids = ids.clone(memory_format=torch.contiguous_format)  # canonical strides: no recompile for a [B, 1] view
+        logits, news = self.fn(self.model, ids, kda, past, state.lengths)
+        pos = state.lengths.view(B, 1, 1)
+        for s, new in zip(mla, news):
+            s.ensure_capacity(L + 1)
+            s.latent.scatter_(1, pos.expand(B, 1, new.shape[-1]), new.to(s.latent.dtype))
+        state.lengths += 1
+        return logits.unsqueeze(1)  # [B, 1, V]

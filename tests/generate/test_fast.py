@@ -1,0 +1,83 @@
+"""The compiled decode step against the model's own forward: logits and state, per dtype tolerance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kimiq.config import ModelConfig
+from kimiq.generate.engine import generate_tokens
+from kimiq.generate.fast import DecodeStep
+from kimiq.generate.sampling import SamplingParams
+from kimiq.model.state import KDAState
+from tests.conftest import TWO_MLA_TWO_DENSE_HF, random_model
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 0.1}  # max |Δlogit|; logits of these models are O(1-10)
+
+
+def _states_close(a, b, lengths, tol):
+    for sa, sb in zip(a.layers, b.layers):
+        if isinstance(sa, KDAState):
+            for ta, tb in zip(sa.tensors(), sb.tensors()):
+                torch.testing.assert_close(ta.float(), tb.float(), atol=tol, rtol=0)
+        else:  # MLA: the slots before each row's length
+            for r, n in enumerate(lengths.tolist()):
+                torch.testing.assert_close(sa.latent[r, :n].float(), sb.latent[r, :n].float(), atol=tol, rtol=0)
+
+
+def _run(model, step, dtype, *, ragged: bool, n_steps: int = 5):
+    """Prefill ragged rows into two states, then decode the same tokens with ``model`` and ``step``."""
+    V = model.config.vocab_size
+    gen = torch.Generator().manual_seed(3)
+    B, T = 2, 9
+    ids = torch.randint(0, V, (B, T), generator=gen)
+    n_valid = torch.tensor([T, 4]) if ragged else None
+    ref, got = model.new_state(B, capacity=4), model.new_state(B, capacity=4)  # both grow on the way
+    with torch.inference_mode():
+        model(ids, ref, n_valid=n_valid)
+        model(ids, got, n_valid=n_valid)
+        worst = 0.0
+        for _ in range(n_steps):
+            tok = torch.randint(0, V, (B, 1), generator=gen)
+            a = model(tok, ref, last_only=True)
+            b = step(tok, got)
+            assert b.shape == a.shape == (B, 1, V)
+            worst = max(worst, float((a - b).abs().max()))
+        assert torch.equal(ref.lengths, got.lengths)
+        _states_close(ref, got, ref.lengths, 1e-4 if dtype == torch.float32 else 5e-2)
+    assert worst <= TOL[dtype], worst
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hf", ["tiny", "two_mla"])
+def test_decode_step_matches_the_model(hf, dtype):
+    cfg = ModelConfig.tiny() if hf == "tiny" else ModelConfig.from_hf(TWO_MLA_TWO_DENSE_HF)
+    model = random_model(cfg, seed=2).to_dtype(dtype)
+    _run(model, DecodeStep(model, compile=False), dtype, ragged=hf == "two_mla")
+
+
+def test_compiled_decode_step_matches_the_model():
+    """inductor's graph (fused expert gather, absorbed MLA over a dynamic-length cache) == the reference forward;
+    the cache length changes every step, so this also checks that one graph serves them (no recompiles)."""
+    model = random_model(ModelConfig.tiny(), seed=4)
+    step = DecodeStep(model)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        _run(model, step, torch.float32, ragged=True, n_steps=6)
+
+
+def test_engine_uses_the_step_and_keeps_greedy_output():
+    model = random_model(ModelConfig.tiny(), seed=1)
+    calls = []
+
+    class Counting(DecodeStep):
+        def __call__(self, ids, state=None, **kw):
+            calls.append(ids.shape)
+            return super().__call__(ids, state, **kw)
+
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    want = [s.tokens for s in generate_tokens(model, prompts, SamplingParams(temperature=0), max_new_tokens=6)]
+    got = [s.tokens for s in generate_tokens(model, prompts, SamplingParams(temperature=0), max_new_tokens=6,
+                                             decode=Counting(model, compile=False))]
+    assert got == want
+    assert len(calls) == 5 and all(c == (2, 1) for c in calls)
