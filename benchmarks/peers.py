@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg_vocab - 300, (args.prompt + args.gen,), generator=g).tolist()  # below the specials
     prompt, gen = ids[: args.prompt], ids[args.prompt:]
-    print(f"model {path}; CPU threads {torch.get_num_threads()}; kimiq decode {'compiled' if args.compile else 'eager'}; "
+    mode = "compiled" if args.compile else "eager"
+    print(f"model {path}; CPU threads {torch.get_num_threads()}; kimiq decode {mode}; "
           f"prompt {args.prompt}, decode {args.gen}, "
           f"{args.reps} interleaved reps; {time.strftime('%Y-%m-%d %H:%M')}")
     rows = []
