@@ -13,9 +13,10 @@ context length), and returns the logits and the new latent entries, which ``Deco
 chosen experts).  Anything else (prefill, rows that sit out a step, a state with fewer than 2 cached tokens,
 where sizes 0 and 1 would specialise the graph) goes to ``model(...)`` unchanged.
 
-Quantized models (``kimiq.quant`` modules, whose CPU kernels are ctypes calls that would break the graph) run
-the same function eagerly for now.  The first call compiles (tens of seconds on 2 cores; inductor caches the
-result on disk, so later processes take a few seconds).  ``tests/generate/test_fast.py`` checks it against ``model(...)``.
+Quantized modules (``kimiq.quant``: ctypes kernels, host-side expert dispatch) enter the graph as opaque
+custom ops (``kimiq.quant.opaque``), one node per call, so their layers are compiled around them.  The
+first call compiles (tens of seconds on 2 cores; inductor caches the result on disk, so later processes
+take a few seconds).  ``tests/generate/test_fast.py`` checks it against ``model(...)``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from kimiq.config import LAYER_KDA
 from kimiq.model.state import KDAState, MLAState
+from kimiq.quant import opaque
 
 __all__ = ["DecodeStep", "decode_step"]
 
@@ -58,9 +60,8 @@ class DecodeStep:
 
     def __init__(self, model, *, compile: bool = True):
         self.model = model
-        # quantized modules call ctypes kernels: graph breaks, which measured no faster than eager (q4_k_m,
-        # 2026-12-01), so a quantized model runs the same function eagerly until they are custom ops
-        self.compiled = compile and not any(type(m).__name__.startswith("Quant") for m in model.modules())
+        self.compiled = compile
+        opaque.register_all(model)  # quantized modules: handles for their custom ops
         # no guards on the model's modules and parameters (checking them cost ~1.2 ms a step, a third of it):
         # the graph is this model's, so change the model (quantize, load other weights) before building the step
         guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}

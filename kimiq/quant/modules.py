@@ -26,6 +26,7 @@ from torch import nn
 from kimiq.model.moe import Experts, dispatch
 from kimiq.ops import qmatmul
 
+from . import opaque
 from .formats import Format, get_format
 from .recipes import KEEP, Recipe, get_recipe
 
@@ -60,6 +61,7 @@ class QuantLinear(_Packed):
         self.in_features, self.out_features = in_features, out_features
         self.compute_dtype = dtype
         self._set_parts("q", parts)
+        opaque.register(self)
         self.use_fast = True
         self._int4: tuple | None | bool = None  # (packed, group, scales_and_zeros); False: not possible
         self._fused: dict | None | bool = None  # qmatmul.prepare's tensors; False: no kernel for the format
@@ -67,9 +69,19 @@ class QuantLinear(_Packed):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight [out, in] in the compute dtype (reference; costs a full dequantize)."""
+        if torch.compiler.is_compiling():
+            return opaque.quant_weight(self.opaque_handle)
+        return self.dequantized_weight()
+
+    def dequantized_weight(self) -> torch.Tensor:
         return self.fmt.dequantize(self._parts("q"), (self.out_features, self.in_features), self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # one opaque node in a compiled graph (kimiq.quant.opaque)
+            return opaque.quant_linear(x, self.opaque_handle)
+        return self.eager_forward(x)
+
+    def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_fast and _int4_ok(x):
             if self._int4 is None:
                 self._int4 = _int4_pack(self.fmt.name, self._parts("q"), self.in_features) or False
@@ -132,8 +144,14 @@ class QuantEmbedding(_Packed):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.compute_dtype = dtype
         self._set_parts("q", parts)
+        opaque.register(self)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return opaque.quant_embedding(ids, self.opaque_handle)
+        return self.eager_forward(ids)
+
+    def eager_forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         rows = {k: v.index_select(0, flat) for k, v in self._parts("q").items()}  # every format packs row-wise
         out = self.fmt.dequantize(rows, (flat.numel(), self.embedding_dim), self.compute_dtype)
@@ -155,6 +173,7 @@ class QuantExperts(_Packed):
         self.compute_dtype = dtype
         for k in ("w1", "w3", "w2"):
             self._set_parts(k, parts[k])
+        opaque.register(self)
         self.use_fast = True
         self._int4: dict[tuple[str, int], tuple | bool] = {}  # (proj, expert) -> int4 kernel pack or False
         self._fused: dict[str, dict | bool] = {}  # proj -> qmatmul.prepare's stacked tensors or False
@@ -183,6 +202,11 @@ class QuantExperts(_Packed):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """As ``Experts.forward`` (the same ``dispatch``), with packed expert weights."""
+        if torch.compiler.is_compiling():
+            return opaque.quant_experts(x, weights, idx, self.opaque_handle)
+        return self.eager_forward(x, weights, idx)
+
+    def eager_forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
         def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
             h = F.silu(self._matmul(xe, "w1", e)) * self._matmul(xe, "w3", e)

@@ -81,3 +81,14 @@ def test_engine_uses_the_step_and_keeps_greedy_output():
                                              decode=Counting(model, compile=False))]
     assert got == want
     assert len(calls) == 5 and all(c == (2, 1) for c in calls)
+
+
+def test_compiled_decode_step_with_quantized_modules():
+    """Quantized linears, experts and embedding enter the graph as opaque custom ops (kimiq.quant.opaque):
+    the compiled step gives the quantized model's own logits."""
+    from kimiq.quant.modules import quantize
+
+    model = quantize(random_model(ModelConfig.tiny(), seed=6), "q8_0")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        _run(model, DecodeStep(model), torch.float32, ragged=False, n_steps=4)
