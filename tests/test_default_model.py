@@ -52,11 +52,12 @@ def _parses(program: str) -> bool:
 
 
 _WEAK = pytest.mark.xfail(strict=True, reason="the 15M-parameter default model (1,900 CPU steps) falls into greedy "
-                          "repetition on these prompts within 48 tokens (an unclosed docstring, a `_it_it_it...` run); "
-                          "see issue 3's note")
+                          "repetition on this prompt within 48 tokens (`self._is_index(n, n, n, ...`); see issue 3's "
+                          "note.  (fibonacci's continuation also repeated until decode summed a token's experts in "
+                          "a fixed order, 2026-12-01: greedy text is that sensitive to rounding.)")
 
 
-@pytest.mark.parametrize("prompt", [pytest.param("def fibonacci(n):\n", marks=_WEAK),
+@pytest.mark.parametrize("prompt", ["def fibonacci(n):\n",
                                     pytest.param("def is_even(n):\n", marks=_WEAK), "def read_file(path):\n",
                                     "class Stack:\n    def push(self, item):\n"])
 def test_greedy_continuation_starts_valid_python(prompt):

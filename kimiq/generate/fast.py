@@ -34,7 +34,7 @@ __all__ = ["DecodeStep", "decode_step"]
 
 def decode_step(model, ids: torch.Tensor, kda: list[KDAState], past: list[torch.Tensor], lengths: torch.Tensor):
     """ids [B, 1]; ``kda``: the KDA layers' states in layer order (updated in place); ``past``: per MLA layer
-    its cache ``[B, L, R + rope]`` (slot j of row b valid for j < lengths[b]).  Returns (logits [B, V] fp32,
+    its cache ``[B, L, R + rope]`` (or ``[L, R + rope]`` for one row) (slot j of row b valid for j < lengths[b]).  Returns (logits [B, V] fp32,
     per MLA layer the new entries [B, 1, R + rope])."""
     x = model.model.embed_tokens(ids)  # [B, 1, D]
     news = []
@@ -45,7 +45,8 @@ def decode_step(model, ids: torch.Tensor, kda: list[KDAState], past: list[torch.
             a = layer.self_attn(h, kda[ki])
             ki += 1
         else:
-            a, new = layer.self_attn.decode(h, past[mi], lengths)
+            p = past[mi]
+            a, new = layer.self_attn.decode(h, p if p.dim() == 3 else p.unsqueeze(0), lengths)
             news.append(new)
             mi += 1
         x = x + a
@@ -88,9 +89,11 @@ class DecodeStep:
             return self.model(ids, state, last_only=True)
         kda = [s for s in state.layers if isinstance(s, KDAState)]
         mla = [s for s in state.layers if isinstance(s, MLAState)]
-        past = [s.latent[:, :L] for s in mla]
+        # one row: [L, R + rope], whose strides do not depend on the cache's capacity (a [1, L, ...] view's do, and
+        # dynamo would recompile for every capacity); several rows: [B, L, R + rope]
+        past = [s.latent[0, :L] if B == 1 else s.latent[:, :L] for s in mla]
         for p in past:
-            torch._dynamo.maybe_mark_dynamic(p, 1)
+            torch._dynamo.decorators.mark_unbacked(p, p.dim() - 2)
         ids = ids.clone(memory_format=torch.contiguous_format)  # canonical strides: no recompile for a [B, 1] view
         logits, news = self.fn(self.model, ids, kda, past, state.lengths)
         pos = state.lengths.view(B, 1, 1)
