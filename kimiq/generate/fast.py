@@ -22,6 +22,7 @@ take a few seconds).  ``tests/generate/test_fast.py`` checks it against ``model(
 from __future__ import annotations
 
 import time
+import types
 
 import torch
 
@@ -65,8 +66,12 @@ class DecodeStep:
         opaque.register_all(model)  # quantized modules: handles for their custom ops
         # no guards on the model's modules and parameters (checking them cost ~1.2 ms a step, a third of it):
         # the graph is this model's, so change the model (quantize, load other weights) before building the step
+        # Dynamo keeps compiled graphs per code object, and without those guards a graph made for one model would
+        # match another: each step gets its own copy of ``decode_step``'s code, so its own graphs
         guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        self.fn = torch.compile(decode_step, options=guards) if self.compiled else decode_step
+        own = types.FunctionType(decode_step.__code__.replace(co_name=f"decode_step_{id(self):x}"),
+                                 decode_step.__globals__, f"decode_step_{id(self):x}")
+        self.fn = torch.compile(own, options=guards) if self.compiled else decode_step
 
     @torch.inference_mode()
     def warmup(self, batch_size: int = 1) -> float:

@@ -92,3 +92,15 @@ def test_compiled_decode_step_with_quantized_modules():
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=2):
         _run(model, DecodeStep(model), torch.float32, ragged=False, n_steps=4)
+
+
+def test_two_steps_keep_their_own_graphs():
+    """Graphs are not guarded on the model's modules (that cost a third of a step), so each step must own its
+    graphs: two models of one config, one float and one quantized, compiled one after the other, each get their
+    own logits (sharing one code object, the second reused the first's graph and failed)."""
+    from kimiq.quant.modules import quantize
+
+    a, b = random_model(ModelConfig.tiny(), seed=7), quantize(random_model(ModelConfig.tiny(), seed=8), "q8_0")
+    torch._dynamo.reset()
+    for model in (a, b):
+        _run(model, DecodeStep(model), torch.float32, ragged=False, n_steps=3)
