@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     kernel, stored = bytes_per_token(model, cfg.moe.num_experts_per_token)
     bw = copy_bandwidth()
     print(f"stack: {args.layers} layers at the 48B width ({cfg.moe.num_experts} experts, top-"
-          f"{cfg.moe.num_experts_per_token}), {args.format}; threads {torch.get_num_threads()}; built in {setup:.0f} s; "
+          f"{cfg.moe.num_experts_per_token}), {args.format}; threads {torch.get_num_threads()}; "
+          f"built in {setup:.0f} s; "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     print(f"weights read per decoded token: {kernel / 2**20:.1f} MiB as the CPU kernels read them "
           f"({stored / 2**20:.1f} MiB stored); copy bandwidth {bw / 1e9:.1f} GB/s -> roofline "

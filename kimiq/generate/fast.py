@@ -6,8 +6,8 @@
 Eager decode of a small model is bound by per-op overhead (~60 kernels per KDA layer, each a few µs of
 Python and dispatch around microseconds of math), so the whole step is one pure function that inductor
 fuses: ``decode_step`` takes the KDA states (updated in place: conv taps and fp32 recurrent state) and a
-read-only view of each MLA latent cache ``[B, L, R + rope]`` (L marked dynamic, so one graph serves every
-context length), and returns the logits and the new latent entries, which ``DecodeStep`` then writes at
+read-only view of each MLA latent cache ``[B, L, R + rope]`` (L an unbacked dynamic size, so one graph serves
+every context length), and returns the logits and the new latent entries, which ``DecodeStep`` then writes at
 ``state.lengths``.  MLA runs ``KimiMLAAttention.decode`` (absorbed, the cache only read); routed experts run
 ``Experts.gathered`` (no host sync: inductor fuses the expert gather into the reductions, reading only the
 chosen experts).  Anything else (prefill, rows that sit out a step, a state with fewer than 2 cached tokens,
@@ -35,8 +35,8 @@ __all__ = ["DecodeStep", "decode_step"]
 
 def decode_step(model, ids: torch.Tensor, kda: list[KDAState], past: list[torch.Tensor], lengths: torch.Tensor):
     """ids [B, 1]; ``kda``: the KDA layers' states in layer order (updated in place); ``past``: per MLA layer
-    its cache ``[B, L, R + rope]`` (or ``[L, R + rope]`` for one row) (slot j of row b valid for j < lengths[b]).  Returns (logits [B, V] fp32,
-    per MLA layer the new entries [B, 1, R + rope])."""
+    its cache ``[B, L, R + rope]``, or ``[L, R + rope]`` for one row (slot j of row b valid for j < lengths[b]).
+    Returns (logits [B, V] fp32, per MLA layer the new entries [B, 1, R + rope])."""
     x = model.model.embed_tokens(ids)  # [B, 1, D]
     news = []
     ki = mi = 0
@@ -64,10 +64,10 @@ class DecodeStep:
         self.model = model
         self.compiled = compile
         opaque.register_all(model)  # quantized modules: handles for their custom ops
-        # no guards on the model's modules and parameters (checking them cost ~1.2 ms a step, a third of it):
-        # the graph is this model's, so change the model (quantize, load other weights) before building the step
-        # Dynamo keeps compiled graphs per code object, and without those guards a graph made for one model would
-        # match another: each step gets its own copy of ``decode_step``'s code, so its own graphs
+        # No guards on the model's modules and parameters (checking them cost ~1.2 ms a step, a third of it): the
+        # graphs are this model's, so change the model (quantize, swap modules) before building the step.  Dynamo
+        # keeps graphs per code object, and unguarded, one model's graph would match another's: each step gets its
+        # own copy of ``decode_step``'s code, hence its own graphs.
         guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         own = types.FunctionType(decode_step.__code__.replace(co_name=f"decode_step_{id(self):x}"),
                                  decode_step.__globals__, f"decode_step_{id(self):x}")

@@ -74,7 +74,6 @@ class Experts(nn.Module):
 
         return dispatch(x, weights, idx, self.w1.shape[0], expert)
 
-
     def gathered(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``forward``'s sum as reductions over each token's k chosen experts, in fp32: no host sync and no
         Python loop over experts.  Eagerly it copies the chosen [N, k, I, D] weights (slow); under

@@ -5,7 +5,8 @@ dispatch, none of which dynamo can trace; each such call would split the graph (
 While dynamo traces, their ``forward`` (and ``QuantLinear.weight``) call the ops below instead: one node per
 module call, whose real implementation is the module's eager code and whose fake implementation gives the
 output shape.  The op finds its module by a handle (``register``, done when the module is built and again by
-``register_all``): a weak table from ``id(module)`` to the module, so a handle never keeps a model alive.  Outside compilation nothing here runs.
+``register_all``): a weak table from ``id(module)`` to the module, so a handle never keeps a model alive.
+Outside compilation nothing here runs.
 """
 
 from __future__ import annotations
