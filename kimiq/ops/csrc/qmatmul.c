@@ -63,17 +63,8 @@ static inline void dec_q8_0(const uint8_t *b, int8_t *q, float *sc, float *mn) {
     memcpy(q, b + 2, 32);
 }
 
-static inline void dec_q4_0(const uint8_t *b, int8_t *q, float *sc, float *mn) {
-    (void)mn;
-    sc[0] = f16_to_f32(b);
-    const uint8_t *qs = b + 2;
-    for (int j = 0; j < 16; j++) {
-        q[j] = (int8_t)((qs[j] & 0xF) - 8);
-        q[j + 16] = (int8_t)((qs[j] >> 4) - 8);
-    }
-}
-
 static const int8_t E2M1X2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};  /* doubled E2M1 */
+static const int8_t NIBBLE_M8[16] = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};  /* q4_0: nibble - 8 */
 
 /* 16 packed bytes -> 32 codes: lo[j] = T[b[j] & 15], hi[j] = T[b[j] >> 4] (pshufb where available) */
 static inline void nibble_lut(const uint8_t *b, const int8_t *T, int8_t *lo, int8_t *hi) {
@@ -90,6 +81,12 @@ static inline void nibble_lut(const uint8_t *b, const int8_t *T, int8_t *lo, int
 #endif
 }
 
+static inline void dec_q4_0(const uint8_t *b, int8_t *q, float *sc, float *mn) {
+    (void)mn;
+    sc[0] = f16_to_f32(b);
+    nibble_lut(b + 2, NIBBLE_M8, q, q + 16);  /* byte stores then wide loads stall store forwarding */
+}
+
 static inline void dec_mxfp4(const uint8_t *b, int8_t *q, float *sc, float *mn) {
     (void)mn;
     sc[0] = E8M0_HALF[b[0]];
@@ -99,10 +96,23 @@ static inline void dec_mxfp4(const uint8_t *b, int8_t *q, float *sc, float *mn) 
 static inline void q5_codes(const uint8_t *qh4, const uint8_t *qs, int8_t *q, int off) {
     uint32_t qh;
     memcpy(&qh, qh4, 4);
+#if defined(__AVX2__) || defined(__SSSE3__)
+    /* bit j of qh -> 16 in byte j (lo half: bits 0-15, hi half: 16-31); vector stores only, as nibble_lut */
+    const __m128i sel = _mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
+    const __m128i h = _mm_cvtsi32_si128((int)qh), m = _mm_set1_epi8(15), sixteen = _mm_set1_epi8(16);
+    __m128i bl = _mm_shuffle_epi8(h, _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1));
+    __m128i bh = _mm_shuffle_epi8(h, _mm_setr_epi8(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    bl = _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(bl, sel), sel), sixteen);
+    bh = _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(bh, sel), sel), sixteen);
+    const __m128i v = _mm_loadu_si128((const __m128i *)qs), o = _mm_set1_epi8((char)off);
+    _mm_storeu_si128((__m128i *)q, _mm_sub_epi8(_mm_or_si128(_mm_and_si128(v, m), bl), o));
+    _mm_storeu_si128((__m128i *)(q + 16), _mm_sub_epi8(_mm_or_si128(_mm_and_si128(_mm_srli_epi16(v, 4), m), bh), o));
+#else
     for (int j = 0; j < 16; j++) {
         q[j] = (int8_t)(((qs[j] & 0xF) | (((qh >> j) & 1) << 4)) - off);
         q[j + 16] = (int8_t)(((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - off);
     }
+#endif
 }
 
 static inline void dec_q5_0(const uint8_t *b, int8_t *q, float *sc, float *mn) {
@@ -142,7 +152,8 @@ static inline void dec_q3_k(const uint8_t *b, int8_t *q, float *sc, float *mn) {
         sc[j] = d * ((lo4 | (hi2 << 4)) - 32);
     }
     crumbs(b + 32, q);
-    for (int e = 0; e < 256; e++) q[e] += (int8_t)(4 * ((hmask[e % 32] >> (e / 32)) & 1) - 4);
+    for (int g = 0; g < 8; g++)  /* contiguous inner loop: vector stores (byte stores stall the wide loads) */
+        for (int l = 0; l < 32; l++) q[32 * g + l] += (int8_t)(4 * ((hmask[l] >> g) & 1) - 4);
 }
 
 static inline void scale_min_k4(const uint8_t *s, int j, int *sc, int *m) {
