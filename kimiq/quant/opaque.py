@@ -56,7 +56,7 @@ def _(x, handle):
 
 @torch.library.custom_op("kimiq::quant_weight", mutates_args=())
 def quant_weight(handle: int) -> torch.Tensor:
-    return _module(handle).dequantized_weight()
+    return _module(handle).dequantized_weight().clone()  # the module keeps its copy; an op returns fresh storage
 
 
 @quant_weight.register_fake

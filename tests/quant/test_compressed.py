@@ -53,13 +53,14 @@ def ct_ckpt(tmp_path_factory):
 
 
 def test_int4_pack_roundtrip():
-    w = torch.randn(16, 96)
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
     packed, scale = pack_int4_ct(w, 32)
-    assert packed.dtype == torch.int32 and packed.shape == (16, 12) and scale.shape == (16, 3)
-    back = dequantize_int4_ct(packed, scale, (16, 96))
-    err = (back - w).abs().view(16, 3, 32).amax(-1)
-    # round to nearest; the clamped +amax end (7.5 -> 7) adds the bf16 rounding of the scale (<= 7 * 2^-8 s)
-    assert bool((err <= scale.float() * (0.5 + 7 * 2**-8) + 1e-6).all())
+    assert packed.dtype == torch.int32 and packed.shape == (64, 12) and scale.shape == (64, 3)
+    back = dequantize_int4_ct(packed, scale, (64, 96))
+    err = (back - w).abs().view(64, 3, 32).amax(-1)
+    # round to nearest; at the clamped +amax end (7.5 s -> 7 s) the bf16 rounding of s (relative <= 2^-8) adds
+    # up to 7.5 * 2^-8 s.  (The bound said 7 * 2^-8 until 2026-12-01: ~4% of random seeds exceeded it.)
+    assert bool((err <= scale.float() * (0.5 + 7.5 * 2**-8) + 1e-6).all())
 
 
 def test_loader_asks_for_conversion(ct_ckpt):
