@@ -12,6 +12,7 @@ Persistent (``../shared/reference/quantization-formats.md`` §7):
   model dtype, the ``keep_fp32`` ones (A_log, dt_bias, router) in fp32.  On CPU, linears in q4_0 / q4_k /
   affine4 (out a multiple of 64) also keep the repack torch's int4 kernel runs on (0.625 B per weight at g32),
   made at first use; every other quantized linear dequantizes its whole weight per call (a workspace phase).
+  A quantized ``kv_b_proj`` is also kept dequantized in the model dtype once MLA's absorbed decode reads it.
 * KDA state per row (``model.new_state``): per KDA layer a recurrent state fp32 [H, K, K] plus three conv tap
   buffers [P, W-1] in the model dtype (P = H*K, W = short_conv_kernel_size).  Independent of S.
 * MLA latent cache per row and token: per MLA layer (kv_lora_rank R + qk_rope_head_dim) values in the model
@@ -44,7 +45,7 @@ profiler within 0.2%), CUDA 0.1 (caching-allocator rounding; an estimate); and a
 device: CPU 400 MiB (Python, torch and kimiq imported and warmed up: ~320 MiB RSS measured with torch 2.13),
 CUDA 1 GiB (CUDA context and cuBLAS workspaces; an estimate).
 
-    peak(S) = weights (+ int4 repacks) + B*kda_state + B*S*mla_per_token + logits_held
+    peak(S) = weights (+ int4 repacks, + kv_b dequantized) + B*kda_state + B*S*mla_per_token + logits_held
               + (1 + slack) * max(phases at S) + overhead
 
 is increasing in S and B, so the longest context (and the most rows) that fit a budget are found by bisection.
@@ -109,6 +110,7 @@ class Weights:
     int4_repack: int = 0  # CPU: copies torch's int4 kernel makes of 4-bit affine-form linears (kept alongside)
     max_dequant_cpu: int = 0  # elements of the largest linear the CPU dequantizes per call (reference path)
     max_dequant: int = 0  # the same without the int4 kernel (CUDA: every quantized linear)
+    kv_b_dequant: int = 0  # bytes: quantized kv_b_proj kept dequantized for MLA's absorbed decode (QuantLinear.weight)
 
     @property
     def bits_per_weight(self) -> float:
@@ -136,19 +138,21 @@ def weight_footprint(cfg: ModelConfig, recipe: str | None = None, *, dtype: str 
         r = get_recipe(recipe)
         plan, label = r.plan(cfg), label or r.name
     nbytes, n = plan_bytes(cfg, plan, lambda s: 32 if keep_fp32(s.name) else 8 * e)
-    repack = deq_cpu = deq = 0
+    repack = deq_cpu = deq = kv_b = 0
     for s in tensor_specs(cfg):  # quantized linears (embedding rows are dequantized per token: not counted)
         fmt = plan[s.name]
         if fmt == KEEP or s.role == "embed" or len(s.shape) != 2:
             continue
         N, K = s.shape
         deq = max(deq, N * K)
+        if s.name.endswith("kv_b_proj.weight"):
+            kv_b += N * K * e
         group = 32 if fmt in ("q4_0", "q4_k") else int(fmt.split("-g")[1]) if fmt.startswith("affine4-g") else 0
         if group and N % 64 == 0:  # kimiq.quant.modules._int4_pack: uint8 [N, K/2] + bf16 [K/g, N, 2]
             repack += N * K // 2 + (K // group) * N * 4
         else:
             deq_cpu = max(deq_cpu, N * K)
-    return Weights(label, nbytes, n, repack, deq_cpu, deq)
+    return Weights(label, nbytes, n, repack, deq_cpu, deq, kv_b)
 
 
 def kda_state_bytes(cfg: ModelConfig, conv_bytes: int) -> tuple[int, int]:
@@ -236,8 +240,8 @@ class MemoryPlan:
     @property
     def model_bytes(self) -> int:
         """Everything but the fixed runtime overhead: what ``measure_prefill`` measures."""
-        return (self.weights.nbytes + self.int4_repack + self.kda_state + self.mla_cache + self.logits
-                + self.workspace + self.slack)
+        return (self.weights.nbytes + self.int4_repack + self.weights.kv_b_dequant + self.kda_state + self.mla_cache
+                + self.logits + self.workspace + self.slack)
 
     def fits(self, budget: int) -> bool:
         return self.total <= budget
@@ -246,6 +250,8 @@ class MemoryPlan:
         rows = [
             (f"weights ({self.weights.label}, {self.weights.bits_per_weight:.2f} bpw)", self.weights.nbytes),
             *([("int4 kernel repacks of 4-bit linears (CPU)", self.int4_repack)] if self.int4_repack else []),
+            *([("kv_b_proj dequantized for MLA decode", self.weights.kv_b_dequant)]
+              if self.weights.kv_b_dequant else []),
             (f"KDA state ({self.batch} x {self.kda_state // self.batch:,} B)", self.kda_state),
             (f"MLA latent cache ({self.batch} x {self.context:,} x {self.mla_per_token:,} B)", self.mla_cache),
             ("logits held (previous chunk, fp32)", self.logits),
