@@ -83,8 +83,10 @@ class QuantLinear(_Packed):
         return self._dequantized
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # one opaque node in a compiled graph (kimiq.quant.opaque)
-            return opaque.quant_linear(x, self.opaque_handle)
+        if torch.compiler.is_compiling():
+            if self.use_fast and isinstance(self._int4, tuple) and _int4_ok(x):  # torch's int4 op traces as is
+                return _int4_mm(x.reshape(-1, self.in_features), self._int4).view(*x.shape[:-1], self.out_features)
+            return opaque.quant_linear(x, self.opaque_handle)  # one opaque node (kimiq.quant.opaque)
         return self.eager_forward(x)
 
     def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
