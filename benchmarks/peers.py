@@ -7,9 +7,10 @@ Per precision the same weights go to every engine: llama.cpp reads kimiq's GGUF 
 --gguf``; for q4_k_m / mxfp4_moe the very blocks kimiq runs), transformers loads the checkpoint directory
 (fp32 / bf16 only: it has no GGUF path for this architecture).  Each repetition runs a prefill of
 ``--prompt`` tokens into a fresh state, then ``--gen`` single-token decode steps (the same fixed token
-ids in every engine, no sampling); kimiq decodes with its compiled step (``DecodeStep``) unless
-``--no-compile``.  Repetitions are interleaved across engines so background load hits all alike; the
-table shows the median, the spread (max - min) / 2 and kimiq / peer ratios.
+ids in every engine, no sampling); kimiq prefills with the compiled KDA chunk step and decodes with its
+compiled step (``DecodeStep``) unless ``--no-compile``.  Repetitions are interleaved across engines so
+background load hits all alike; the table shows the median, the spread (max - min) / 2 and kimiq / peer
+ratios.
 
 llama.cpp comes from llama-cpp-python (``pip install llama-cpp-python==0.3.36``, built from source: it
 has no wheel); without it, or without transformers, those columns are skipped.
@@ -38,10 +39,12 @@ class Kimiq:
 
     def __init__(self, path: str, precision: str, compile: bool = True):
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-        self.model = load_model(path, dtype=dtype).eval()
+        # compiled: the KDA chunk step for prefill (kda_impl="compile") and the whole decode step, both built on
+        # the warm-up run
+        self.model = load_model(path, dtype=dtype, kda_impl="compile" if compile else "torch").eval()
         if precision not in ("fp32", "bf16"):
             quantize(self.model, precision)
-        self.step = DecodeStep(self.model) if compile else self.model  # compiled on the warm-up run
+        self.step = DecodeStep(self.model) if compile else self.model
 
     @torch.inference_mode()
     def run(self, prompt: list[int], gen: list[int]) -> tuple[float, float]:
@@ -128,8 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gen", type=int, default=64, help="decode steps (default 64)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="threads for every engine (default: torch's count)")
-    ap.add_argument("--no-compile", dest="compile", action="store_false", help="kimiq decodes eagerly instead of "
-                    "with the torch.compile'd step (kimiq.generate.fast; compiled during the warm-up run)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="kimiq runs eagerly instead of with "
+                    "the compiled KDA chunk step (prefill) and decode step (kimiq.generate.fast)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -44,16 +44,18 @@ def _add_model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
     g.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="compute dtype; auto = fp32 on CPU for small models, else the checkpoint's (default: auto)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    g.add_argument("--kda-impl", choices=("torch", "naive", "fla"), default="torch",
-                   help="KDA kernel: torch (chunked/recurrent, any device), naive (reference loop), "
+    g.add_argument("--kda-impl", choices=("torch", "compile", "naive", "fla"), default="torch",
+                   help="KDA kernel: torch (chunked/recurrent, any device), compile (the same, chunk step compiled "
+                   "by inductor: ~1.2x prefill on CPU; --compile picks it), naive (reference loop), "
                    "fla (Triton, CUDA only; pip install 'kimiq[kernels]')")
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
 
 
 def _add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="decode with the torch.compile'd step "
-                   "(kimiq.generate.fast): ~2x faster per token on CPU, after a one-off compile of tens of seconds "
-                   "(cached on disk for later runs); worth it for long generations")
+                   "(kimiq.generate.fast) and prefill with the compiled KDA chunk step: ~2x faster per token on CPU, "
+                   "after a one-off compile of tens of seconds (cached on disk for later runs); worth it for long "
+                   "generations")
 
 
 def _decode_step(args, model):
@@ -91,7 +93,8 @@ def _load(args):
     dtype = _torch_dtype(args.dtype)
     if dtype is None and str(args.device).startswith("cpu"):
         dtype = torch.float32 if _small(path) else torch.bfloat16
-    model, tok = load(path, dtype=dtype, device=args.device, kda_impl=args.kda_impl)
+    impl = "compile" if getattr(args, "compile", False) and args.kda_impl == "torch" else args.kda_impl
+    model, tok = load(path, dtype=dtype, device=args.device, kda_impl=impl)
     return model, tok
 
 

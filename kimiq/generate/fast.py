@@ -75,11 +75,12 @@ class DecodeStep:
 
     @torch.inference_mode()
     def warmup(self, batch_size: int = 1) -> float:
-        """Compile now (a throwaway state: 2 tokens of prefill, one step), so timings after it are the step's own;
-        returns the seconds it took."""
+        """Compile now (a throwaway state: a 17-token prefill, which also builds a compiled KDA chunk step where the
+        model has ``kda_impl="compile"``, then one step), so timings after it are the model's own; returns the
+        seconds it took."""
         t0 = time.perf_counter()
-        state = self.model.new_state(batch_size, capacity=4)
-        ids = torch.zeros(batch_size, 2, dtype=torch.long, device=self.model.device)
+        state = self.model.new_state(batch_size, capacity=18)
+        ids = torch.zeros(batch_size, 17, dtype=torch.long, device=self.model.device)
         self.model(ids, state, last_only=True)
         self(ids[:, :1], state)
         return time.perf_counter() - t0
