@@ -69,7 +69,7 @@ class QuantLinear(_Packed):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized weight [out, in] in the compute dtype (reference; costs a full dequantize)."""
+        """The dequantized weight [out, in] in the compute dtype (dequantized on the first read, then kept)."""
         if torch.compiler.is_compiling():
             return opaque.quant_weight(self.opaque_handle)
         return self.dequantized_weight()
@@ -215,7 +215,6 @@ class QuantExperts(_Packed):
         return self.eager_forward(x, weights, idx)
 
     def eager_forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-
         def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
             h = F.silu(self._matmul(xe, "w1", e)) * self._matmul(xe, "w3", e)
             return self._matmul(h, "w2", e)
