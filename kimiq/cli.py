@@ -71,7 +71,8 @@ def _decode_step(args, model):
 
 def _add_sampling_args(p: argparse.ArgumentParser, default_max: int) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("-n", "--max-tokens", type=int, default=default_max, help=f"tokens to generate (default: {default_max})")
+    g.add_argument("-n", "--max-tokens", type=int, default=default_max,
+                   help=f"tokens to generate (default: {default_max})")
     g.add_argument("-t", "--temperature", "--temp", type=float, default=0.0, help="0 = greedy (default: 0)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default: 0 = off)")
@@ -412,7 +413,8 @@ def _eval_bpb(args) -> int:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(files), desc=f"bpb {args.split}", dynamic_ncols=True)
-    report = heldout_bpb(model, tok, files, window=args.window, max_context=args.max_context, progress=lambda _: bar.update(1))
+    report = heldout_bpb(model, tok, files, window=args.window, max_context=args.max_context,
+                         progress=lambda _: bar.update(1))
     bar.close()
     print(f"stdlib {args.split} split, Python {platform.python_version()}: {report}")
     return 0

@@ -51,7 +51,8 @@ class BpbReport:
         return (
             f"{self.n_files} files, {self.n_bytes:,} bytes, {self.n_tokens:,} tokens "
             f"({self.n_bytes / max(1, self.n_tokens):.2f} bytes/token)\n"
-            f"  model          {self.model_bpb:.4f} bits/byte  ({self.model_bits / max(1, self.n_tokens) * math.log(2):.4f} nats/token)\n"
+            f"  model          {self.model_bpb:.4f} bits/byte  "
+            f"({self.model_bits / max(1, self.n_tokens) * math.log(2):.4f} nats/token)\n"
             f"  xz -9e concat  {self.xz_concat_bpb:.4f} bits/byte\n"
             f"  xz -9e per file {self.xz_per_file_bpb:.4f} bits/byte"
         )

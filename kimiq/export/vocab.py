@@ -14,7 +14,8 @@ __all__ = ["byte_to_unicode", "bpe_merges", "hf_tokenizer_json"]
 
 def byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table (what GGUF BPE vocabularies store)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+            + list(range(ord("®"), ord("ÿ") + 1)))
     table, extra = {}, 0
     for b in range(256):
         if b in keep:

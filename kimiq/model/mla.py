@@ -48,7 +48,8 @@ class KimiMLAAttention(nn.Module):
         m = cfg.mla
         self.layer_idx = layer_idx
         self.num_heads = m.num_heads
-        self.nope, self.rope, self.v_dim, self.rank = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank
+        self.nope, self.rope = m.qk_nope_head_dim, m.qk_rope_head_dim
+        self.v_dim, self.rank = m.v_head_dim, m.kv_lora_rank
         self.scale = m.qk_head_dim**-0.5
         D = cfg.hidden_size
         self.q_proj = nn.Linear(D, m.num_heads * m.qk_head_dim, bias=False)

@@ -122,7 +122,8 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.gate = Router(hidden, m, bias_in_weights)
         self.experts = Experts(hidden, m)
-        self.shared_experts = MLP(hidden, m.moe_intermediate_size * m.num_shared_experts) if m.num_shared_experts else None
+        shared = m.moe_intermediate_size * m.num_shared_experts
+        self.shared_experts = MLP(hidden, shared) if m.num_shared_experts else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -266,7 +266,8 @@ def run_training(preset: Preset, work_dir: str | Path, out_dir: str | Path | Non
         f = work / f"{split}.npy"
         if not f.exists():
             t0 = time.perf_counter()
-            arr = encode_split(tok, split, limit=preset.file_limit, chat_every=preset.chat_every if split == "train" else 0)
+            arr = encode_split(tok, split, limit=preset.file_limit,
+                               chat_every=preset.chat_every if split == "train" else 0)
             np.save(work / f"{split}.tmp.npy", arr)
             os.replace(work / f"{split}.tmp.npy", f)
             log(f"{split}: {len(arr):,} tokens ({time.perf_counter() - t0:.0f}s)")

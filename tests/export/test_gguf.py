@@ -87,7 +87,8 @@ def test_merges_reproduce_tiktoken(f32_gguf):
 
 def test_quantized_exports(tmp_path):
     """--type q8_0 quantizes with kimiq's llama.cpp-exact blocks; a q4_k_m checkpoint exports its own blocks."""
-    r = gguf.GGUFReader(str(export_gguf(default_model_path(), tmp_path / "q8.gguf", outtype="q8_0", log=lambda s: None)))
+    path = export_gguf(default_model_path(), tmp_path / "q8.gguf", outtype="q8_0", log=lambda s: None)
+    r = gguf.GGUFReader(str(path))
     model, _ = load(dtype=torch.float32)
     t = _t(r, "blk.0.attn_q.weight")
     assert t.tensor_type.name == "Q8_0"

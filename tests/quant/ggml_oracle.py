@@ -27,20 +27,24 @@ import numpy as np
 
 VERSION = "0.3.36"
 # ggml_type ids (ggml.h) and sizes: name -> (type id, weights per block, bytes per block)
-TYPES = {"q4_0": (2, 32, 18), "q5_0": (6, 32, 22), "q5_1": (7, 32, 24), "q8_0": (8, 32, 34), "q2_k": (10, 256, 84), "q3_k": (11, 256, 110),
-         "q4_k": (12, 256, 144), "q5_k": (13, 256, 176), "q6_k": (14, 256, 210), "mxfp4": (39, 32, 17)}
-_FUNC = {"q4_0": "quantize_q4_0", "q5_0": "quantize_q5_0", "q5_1": "quantize_q5_1", "q8_0": "quantize_q8_0", "q2_k": "quantize_q2_K", "q3_k": "quantize_q3_K",
-         "q4_k": "quantize_q4_K", "q5_k": "quantize_q5_K", "q6_k": "quantize_q6_K", "mxfp4": "quantize_mxfp4"}
+TYPES = {"q4_0": (2, 32, 18), "q5_0": (6, 32, 22), "q5_1": (7, 32, 24), "q8_0": (8, 32, 34), "q2_k": (10, 256, 84),
+         "q3_k": (11, 256, 110), "q4_k": (12, 256, 144), "q5_k": (13, 256, 176), "q6_k": (14, 256, 210),
+         "mxfp4": (39, 32, 17)}
+_FUNC = {"q4_0": "quantize_q4_0", "q5_0": "quantize_q5_0", "q5_1": "quantize_q5_1", "q8_0": "quantize_q8_0",
+         "q2_k": "quantize_q2_K", "q3_k": "quantize_q3_K", "q4_k": "quantize_q4_K", "q5_k": "quantize_q5_K",
+         "q6_k": "quantize_q6_K", "mxfp4": "quantize_mxfp4"}
 
 _STUBS = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <stdint.h>
-void ggml_abort(const char * file, int line, const char * fmt, ...) { fprintf(stderr, "ggml_abort %s:%d\n", file, line); abort(); }
+void ggml_abort(const char * file, int line, const char * fmt, ...) {
+  fprintf(stderr, "ggml_abort %s:%d\n", file, line); abort(); }
 static size_t blck(int t) { return (t == 2 || t == 6 || t == 7 || t == 8 || t == 39) ? 32 : 256; }
 size_t ggml_type_size(int t) {
-  switch (t) { case 2: return 18; case 6: return 22; case 7: return 24; case 8: return 34; case 39: return 17; case 10: return 84; case 11: return 110;
-               case 12: return 144; case 13: return 176; case 14: return 210; default: abort(); } }
+  switch (t) { case 2: return 18; case 6: return 22; case 7: return 24; case 8: return 34; case 39: return 17;
+               case 10: return 84; case 11: return 110; case 12: return 144; case 13: return 176; case 14: return 210;
+               default: abort(); } }
 size_t ggml_row_size(int t, int64_t ne) { return ggml_type_size(t) * ne / blck(t); }
 const char * ggml_type_name(int t) { (void) t; return "?"; }
 """

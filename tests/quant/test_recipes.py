@@ -76,7 +76,8 @@ def test_recipe_file(tmp_path, real):
     assert plan["model.layers.2.block_sparse_moe.gate.weight"] == "q8_0"  # named on purpose: quantized
     assert plan["model.embed_tokens.weight"] == KEEP
     assert plan["model.layers.2.input_layernorm.weight"] == KEEP and plan["lm_head.weight"] == "q4_k"
-    for bad, msg in [({"default": "q9_k"}, "unknown format"), ({"rules": [{"match": "(", "format": "q4_k"}]}, "bad regex"),
+    for bad, msg in [({"default": "q9_k"}, "unknown format"),
+                     ({"rules": [{"match": "(", "format": "q4_k"}]}, "bad regex"),
                      ({"defualt": "q4_k"}, "unknown keys"), ({"rules": [{"match": "x"}]}, "must be")]:
         p.write_text(json.dumps(bad))
         with pytest.raises((ValueError, KeyError), match=msg):
