@@ -48,9 +48,10 @@ def build(cfg: ModelConfig, fmt: str, seed: int = 0) -> KimiLinearForCausalLM:
             for s in tensor_specs(cfg)}
     plan["model.embed_tokens.weight"] = KEEP
     cache: dict[tuple, dict] = {}
+    shapes = {s.name: s.shape for s in tensor_specs(cfg)}
 
     def parts(name: str, f: str) -> dict[str, torch.Tensor]:
-        shape = next(s.shape for s in tensor_specs(cfg) if s.name == name)
+        shape = shapes[name]
         key = (name.split(".experts.")[-1].split(".", 1)[-1], f, tuple(shape)) if ".experts." in name else None
         if key is not None and key in cache:
             return {k: v.clone() for k, v in cache[key].items()}  # same values, own memory

@@ -52,7 +52,7 @@ def decode_step(model, ids: torch.Tensor, kda: list[KDAState], past: list[torch.
             mi += 1
         x = x + a
         h = layer.post_attention_layernorm(x)
-        x = x + (layer.block_sparse_moe.decode(h) if hasattr(layer, "block_sparse_moe") else layer.mlp(h))
+        x = x + (layer.block_sparse_moe(h, gathered=True) if hasattr(layer, "block_sparse_moe") else layer.mlp(h))
     return model.lm_head(model.model.norm(x[:, 0])).float(), news
 
 

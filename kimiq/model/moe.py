@@ -125,24 +125,16 @@ class SparseMoE(nn.Module):
         shared = m.moe_intermediate_size * m.num_shared_experts
         self.shared_experts = MLP(hidden, shared) if m.num_shared_experts else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, gathered: bool = False) -> torch.Tensor:
+        """``gathered``: plain-tensor experts run ``Experts.gathered`` (no host sync: what the compiled decode step
+        uses for a few tokens); quantized twins keep their own dispatch either way."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N, D]
         w, idx = self.gate(flat)
-        out = self.experts(flat, w, idx)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
-        return out.view(shape)
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward`` for a few tokens without host syncs (``Experts.gathered``) where the experts are plain
-        tensors; quantized twins keep their own dispatch."""
-        if not isinstance(self.experts, Experts):
-            return self(x)
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])  # [N, D]
-        w, idx = self.gate(flat)
-        out = self.experts.gathered(flat, w, idx)
+        if gathered and isinstance(self.experts, Experts):
+            out = self.experts.gathered(flat, w, idx)
+        else:
+            out = self.experts(flat, w, idx)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(shape)

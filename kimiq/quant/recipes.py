@@ -257,17 +257,17 @@ def load_recipe(path: str | Path) -> Recipe:
     return Recipe(d.get("name", p.stem), d.get("doc", f"rules from {p.name}"), choose, quantizes_protected=True)
 
 
-def plan_bytes(cfg: ModelConfig, plan: dict[str, str], keep_bits: Callable[[TensorSpec], int] | None = None):
-    """(total bytes, parameter count) of a plan; kept tensors at ``keep_bits(spec)`` (default: checkpoint dtype,
-    fp32 for the tensors kimiq keeps in fp32)."""
+def kept_bits(cfg: ModelConfig, name: str) -> int:
+    """Bits per weight of checkpoint tensor ``name`` kept unquantized: the checkpoint dtype, fp32 for the tensors
+    kimiq keeps in fp32."""
     from kimiq.model.model import keep_fp32
 
-    dtype_bits = 16 if cfg.dtype in ("bfloat16", "float16") else 32
+    return 32 if keep_fp32(name) else 16 if cfg.dtype in ("bfloat16", "float16") else 32
 
-    def default_bits(s: TensorSpec) -> int:
-        return 32 if keep_fp32(s.name) else dtype_bits
 
-    keep_bits = keep_bits or default_bits
+def plan_bytes(cfg: ModelConfig, plan: dict[str, str], keep_bits: Callable[[TensorSpec], int] | None = None):
+    """(total bytes, parameter count) of a plan; kept tensors at ``keep_bits(spec)`` (default ``kept_bits``)."""
+    keep_bits = keep_bits or (lambda s: kept_bits(cfg, s.name))
     total, params = 0, 0
     for s in tensor_specs(cfg):
         n = 1

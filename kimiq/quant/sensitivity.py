@@ -50,7 +50,7 @@ from kimiq.config import ModelConfig
 
 from .allocate import Allocation, Option, allocate
 from .formats import get_format
-from .recipes import KEEP, PROTECTED_ROLES, fit_format, load_recipe, plan_bytes, tensor_specs
+from .recipes import KEEP, PROTECTED_ROLES, fit_format, kept_bits, load_recipe, plan_bytes, tensor_specs
 
 __all__ = [
     "LADDERS",
@@ -73,7 +73,6 @@ LADDERS: dict[str, tuple[str, ...]] = {"gguf": _GGUF, "mlx": _MLX, "all": _GGUF 
 RECIPE_FILE = "kimiq_recipe.json"
 PREDICTIONS_FILE = "kimiq_sensitivity.json"
 _EXPERT = re.compile(r"\.experts\.\d+\.")
-_DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -111,16 +110,10 @@ def weight_groups(cfg: ModelConfig) -> list[Group]:
     return [Group(k, tuple(names), tuple(shape), layer, role) for k, (layer, role, shape, names) in found.items()]
 
 
-def _keep_bits(cfg: ModelConfig, name: str) -> int:
-    from kimiq.model.model import keep_fp32  # as plan_bytes counts a kept tensor
-
-    return 32 if keep_fp32(name) else 16 if cfg.dtype in ("bfloat16", "float16") else 32
-
-
 def _group_bytes(cfg: ModelConfig, g: Group, fmt: str) -> int:
     n = g.shape[0] * g.shape[1]
     if fmt == KEEP:
-        return sum((n * _keep_bits(cfg, t) + 7) // 8 for t in g.tensors)
+        return sum((n * kept_bits(cfg, t) + 7) // 8 for t in g.tensors)
     return len(g.tensors) * get_format(fmt).nbytes(g.shape)
 
 
@@ -204,9 +197,11 @@ def measure_sensitivity(model, tokens: torch.Tensor, ladder: Sequence[str], *, g
     """
     from tqdm.auto import tqdm
 
+    from kimiq.model.weights import _as_dtype
+
     t0 = time.perf_counter()
     cfg = model.config
-    src_dtype = _DTYPE.get(cfg.dtype, torch.float32)
+    src_dtype = _as_dtype(cfg.dtype)
     groups = list(groups) if groups is not None else weight_groups(cfg)
     layers = model.model.layers
     ids = tokens.to(model.device)
@@ -343,6 +338,7 @@ def quantize_auto(src: str | Path, out: str | Path, *, target_bpw: float | None 
     """Measure (or read) sensitivities of ``src``, allocate the budget, write the checkpoint ``out`` with
     the recipe and predictions files in it.  Returns the plan."""
     from kimiq import load
+
     from .checkpoint import quantize_checkpoint
 
     if family not in LADDERS:
