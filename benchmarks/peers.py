@@ -8,7 +8,8 @@ Per precision the same weights go to every engine: llama.cpp reads kimiq's GGUF 
 (fp32 / bf16 only: it has no GGUF path for this architecture).  Each repetition runs a prefill of
 ``--prompt`` tokens into a fresh state, then ``--gen`` single-token decode steps (the same fixed token
 ids in every engine, no sampling); kimiq prefills with the compiled KDA chunk step and decodes with its
-compiled step (``DecodeStep``) unless ``--no-compile``.  Repetitions are interleaved across engines so
+compiled step (``DecodeStep``, ``--mode max-autotune`` by default; the compile time is printed) unless
+``--no-compile``.  Repetitions are interleaved across engines so
 background load hits all alike; the table shows the median, the spread (max - min) / 2 and kimiq / peer
 ratios.
 
@@ -37,14 +38,15 @@ GGUF_TYPE = {"fp32": "f32", "bf16": "bf16", "q8_0": "q8_0", "q4_k_m": "q4_k_m", 
 class Kimiq:
     name = "kimiq"
 
-    def __init__(self, path: str, precision: str, compile: bool = True):
+    def __init__(self, path: str, precision: str, compile: bool = True, mode: str = "max-autotune"):
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         # compiled: the KDA chunk step for prefill (kda_impl="compile") and the whole decode step, both built on
         # the warm-up run
         self.model = load_model(path, dtype=dtype, kda_impl="compile" if compile else "torch").eval()
         if precision not in ("fp32", "bf16"):
             quantize(self.model, precision)
-        self.step = DecodeStep(self.model) if compile else self.model
+        self.step = DecodeStep(self.model, mode=mode) if compile else self.model
+        self.compile_s = self.step.warmup() if compile else 0.0
 
     @torch.inference_mode()
     def run(self, prompt: list[int], gen: list[int]) -> tuple[float, float]:
@@ -106,7 +108,9 @@ class Transformers:
 
 
 def _engines(path: str, precision: str, args, workdir: Path) -> list:
-    out = [Kimiq(path, precision, args.compile)]
+    out = [Kimiq(path, precision, args.compile, args.mode)]
+    if args.compile:
+        print(f"  kimiq {precision}: decode step compiled (mode {args.mode}) in {out[0].compile_s:.0f} s", flush=True)
     try:
         out.append(LlamaCpp(path, precision, args.prompt + args.gen + 8, torch.get_num_threads(), workdir))
     except ImportError:
@@ -133,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="threads for every engine (default: torch's count)")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="kimiq runs eagerly instead of with "
                     "the compiled KDA chunk step (prefill) and decode step (kimiq.generate.fast)")
+    ap.add_argument("--mode", choices=DecodeStep.MODES, default="max-autotune", help="the decode step's compile "
+                    "mode (default max-autotune: C++ GEMM templates and wrapper, ~1 min to compile per precision)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg_vocab - 300, (args.prompt + args.gen,), generator=g).tolist()  # below the specials
     prompt, gen = ids[: args.prompt], ids[args.prompt:]
-    mode = "compiled" if args.compile else "eager"
+    mode = f"compiled ({args.mode})" if args.compile else "eager"
     print(f"model {path}; CPU threads {torch.get_num_threads()}; kimiq decode {mode}; "
           f"prompt {args.prompt}, decode {args.gen}, "
           f"{args.reps} interleaved reps; {time.strftime('%Y-%m-%d %H:%M')}")

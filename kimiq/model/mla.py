@@ -104,14 +104,23 @@ class KimiMLAAttention(nn.Module):
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         q_lat = torch.cat([torch.einsum("bhn,hnr->bhr", q_nope, w_uk), q_pe], dim=-1)  # [B, H, R + rope]
         # one product over whole (contiguous) cache rows: q_lat . c + q_pe . k_pe
-        s_past = torch.einsum("bhd,bld->bhl", q_lat, past.to(x.dtype))  # [B, H, L]
+        # half-precision batched matmuls over the cache are slow on CPU (bf16 [4, 288] x [288, 550]: 330 µs, fp32 MKL
+        # ~10x less); compiled, they become one fused multiply-reduce with fp32 accumulation instead
+        fused = torch.compiler.is_compiling() and x.dtype != torch.float32
+        if fused:
+            s_past = (q_lat.float().unsqueeze(2) * past.unsqueeze(1).float()).sum(-1)  # [B, H, L]
+        else:
+            s_past = torch.einsum("bhd,bld->bhl", q_lat, past.to(x.dtype))  # [B, H, L]
         s_new = (q_lat * new).sum(-1, keepdim=True)  # [B, H, 1]
         scores = torch.cat([s_past, s_new], dim=-1).float() * self.scale  # [B, H, L + 1]
         valid = torch.arange(L, device=x.device).view(1, L) < lengths.view(B, 1)  # [B, L]
         valid = torch.cat([valid, valid.new_ones(B, 1)], dim=-1)  # the new token: always
         p = scores.masked_fill(~valid.unsqueeze(1), float("-inf")).softmax(-1).to(x.dtype)
         p_past, p_new = p.split([L, 1], dim=-1)
-        o_lat = torch.einsum("bhl,bld->bhd", p_past, past.to(x.dtype)) + p_new * new  # [B, H, R + rope]
+        if fused:
+            o_lat = ((p_past.float().unsqueeze(-1) * past.unsqueeze(1).float()).sum(-2) + p_new * new).to(x.dtype)
+        else:
+            o_lat = torch.einsum("bhl,bld->bhd", p_past, past.to(x.dtype)) + p_new * new  # [B, H, R + rope]
         o = torch.einsum("bhr,hvr->bhv", o_lat[..., : self.rank], w_uv)  # [B, H, v]
         return self.o_proj(o.reshape(B, 1, H * self.v_dim)), new
 

@@ -56,14 +56,30 @@ def test_decode_step_matches_the_model(hf, dtype):
     _run(model, DecodeStep(model, compile=False), dtype, ragged=hf == "two_mla")
 
 
-def test_compiled_decode_step_matches_the_model():
-    """inductor's graph (fused expert gather, absorbed MLA over a dynamic-length cache) == the reference forward;
-    the cache length changes every step, so this also checks that one graph serves them (no recompiles)."""
-    model = random_model(ModelConfig.tiny(), seed=4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_decode_step_matches_the_model(dtype):
+    """inductor's graph (fused expert gather, absorbed MLA over a dynamic-length cache; at bf16 the cache products
+    as fused multiply-reduces) == the reference forward; the cache length changes every step, so this also checks
+    that one graph serves them (no recompiles)."""
+    model = random_model(ModelConfig.tiny(), seed=4).to_dtype(dtype)
     step = DecodeStep(model)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=2):
-        _run(model, step, torch.float32, ragged=True, n_steps=6)
+        _run(model, step, dtype, ragged=True, n_steps=6)
+
+
+def test_max_autotune_decode_step_matches_the_model():
+    """mode="max-autotune": inductor's C++ GEMM templates on frozen weights and a C++ wrapper; same logits."""
+    model = random_model(ModelConfig.tiny(), seed=5)
+    step = DecodeStep(model, mode="max-autotune")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        _run(model, step, torch.float32, ragged=True, n_steps=4)
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="max-autotune"):
+        DecodeStep(random_model(ModelConfig.tiny(), seed=5), mode="fast")
 
 
 def test_engine_uses_the_step_and_keeps_greedy_output():

@@ -346,6 +346,38 @@ GGUF_GEMM(q4_k, QK_K, 144, 32, dec_q4_k, 1)
 GGUF_GEMM(q5_k, QK_K, 176, 32, dec_q5_k, 1)
 GGUF_GEMM(q6_k, QK_K, 210, 16, dec_q6_k, 0)
 
+/* Rows of a packed matrix dequantized (an embedding lookup): Y[r, :] = W[rows[r], :], fp32 or bf16. */
+#define GGUF_ROWS(NAME, QK, BB, S, DEC, HASMIN)                                                          \
+    int kq_rows_##NAME(const uint8_t *W, int64_t K, const int64_t *rows, int64_t R, void *Y, int bf16) { \
+        if (K % QK) return -1;                                                                          \
+        init_tables();                                                                                  \
+        const int64_t nb = K / QK;                                                                      \
+        for (int64_t r = 0; r < R; r++) {                                                               \
+            int8_t q[QK] __attribute__((aligned(64)));                                                  \
+            float sc[QK / S], mn[QK / S];                                                               \
+            const uint8_t *row = W + rows[r] * nb * BB;                                                 \
+            for (int64_t ib = 0; ib < nb; ib++) {                                                       \
+                DEC(row + ib * BB, q, sc, mn);                                                          \
+                for (int j = 0; j < QK; j++) {                                                          \
+                    const float v = sc[j / S] * (float)q[j] - (HASMIN ? mn[j / S] : 0.f);              \
+                    y_store(Y, r * K + ib * QK + j, v, bf16);                                           \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+        return 0;                                                                                       \
+    }
+
+GGUF_ROWS(q8_0, 32, 34, 32, dec_q8_0, 0)
+GGUF_ROWS(q4_0, 32, 18, 32, dec_q4_0, 0)
+GGUF_ROWS(mxfp4, 32, 17, 32, dec_mxfp4, 0)
+GGUF_ROWS(q5_0, 32, 22, 32, dec_q5_0, 0)
+GGUF_ROWS(q5_1, 32, 24, 32, dec_q5_1, 1)
+GGUF_ROWS(q2_k, QK_K, 84, 16, dec_q2_k, 1)
+GGUF_ROWS(q3_k, QK_K, 110, 16, dec_q3_k, 0)
+GGUF_ROWS(q4_k, QK_K, 144, 32, dec_q4_k, 1)
+GGUF_ROWS(q5_k, QK_K, 176, 32, dec_q5_k, 1)
+GGUF_ROWS(q6_k, QK_K, 210, 16, dec_q6_k, 0)
+
 /* mlx affine: codes = LSB-first bitstream per row (uint32 words), scales/biases fp32 [N, K/g];
  * w = s * q + b.  A group of g >= 32 codes fills whole words, so every group starts on a word boundary. */
 int kq_affine(const uint32_t *codes, const float *scales, const float *biases, int bits, int group, int64_t N,
