@@ -28,6 +28,7 @@ import torch
 
 from kimiq.config import LAYER_KDA
 from kimiq.model.state import KDAState, MLAState
+from kimiq.ops import qops
 from kimiq.quant import opaque
 
 __all__ = ["DecodeStep", "decode_step"]
@@ -79,7 +80,11 @@ class DecodeStep:
         # only while those are at most FREEZE_MAX_BYTES
         float_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.is_floating_point())
         self.frozen = compile and (float_bytes <= self.FREEZE_MAX_BYTES if freeze is None else freeze)
-        opaque.register_all(model)  # quantized modules: handles for their custom ops
+        if opaque.register_all(model) and compile:  # quantized modules: handles for their custom ops, and
+            qops.available()  # the C++ operators built now, not while dynamo traces
+        for layer in model.model.layers:  # MLA decode reads kv_b_proj.weight: read once now, so that a quantized
+            if layer.layer_type != LAYER_KDA:  # kv_b keeps its dequantized copy and the graph reads it as a buffer
+                layer.self_attn.kv_b_proj.weight  # noqa: B018 (instead of an opaque op copying it every step)
         # No guards on the model's modules and parameters (checking them cost ~1.2 ms a step, a third of it): the
         # graphs are this model's, so change the model (quantize, swap modules) before building the step.  Dynamo
         # keeps graphs per code object, and unguarded, one model's graph would match another's: each step gets its

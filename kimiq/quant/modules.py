@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimiq.model.moe import Experts, dispatch
-from kimiq.ops import qmatmul
+from kimiq.ops import qmatmul, qops
 
 from . import opaque
 from .formats import Format, get_format
@@ -70,9 +70,9 @@ class QuantLinear(_Packed):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight [out, in] in the compute dtype (dequantized on the first read, then kept)."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and self._dequantized is None:
             return opaque.quant_weight(self.opaque_handle)
-        return self.dequantized_weight()
+        return self.dequantized_weight()  # compiling: the kept buffer, read by the graph like any buffer
 
     def dequantized_weight(self) -> torch.Tensor:
         """Dequantized on first use, then kept: only code that reads ``weight`` pays that memory (MLA's absorbed
@@ -86,6 +86,9 @@ class QuantLinear(_Packed):
         if torch.compiler.is_compiling():
             if self.use_fast and isinstance(self._int4, tuple) and _int4_ok(x):  # torch's int4 op traces as is
                 return _int4_mm(x.reshape(-1, self.in_features), self._int4).view(*x.shape[:-1], self.out_features)
+            fid = qops.FORMAT_ID.get(self.fmt.name)
+            if self.use_fast and fid is not None and _int4_ok(x) and qops.loaded():  # a C++ op: no Python
+                return torch.ops.kimiq_cpu.qlinear(x, self.q_weight, fid, self.out_features)
             return opaque.quant_linear(x, self.opaque_handle)  # one opaque node (kimiq.quant.opaque)
         return self.eager_forward(x)
 
@@ -156,6 +159,10 @@ class QuantEmbedding(_Packed):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
+            fid = qops.FORMAT_ID.get(self.fmt.name)
+            if fid is not None and self.compute_dtype in (torch.float32, torch.bfloat16) and qops.loaded():
+                return torch.ops.kimiq_cpu.qrows(self.q_weight, ids, fid, self.embedding_dim,
+                                                 self.compute_dtype == torch.bfloat16)
             return opaque.quant_embedding(ids, self.opaque_handle)
         return self.eager_forward(ids)
 
@@ -211,6 +218,10 @@ class QuantExperts(_Packed):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """As ``Experts.forward`` (the same ``dispatch``), with packed expert weights."""
         if torch.compiler.is_compiling():
+            fids = [qops.FORMAT_ID.get(self.fmts[k].name) for k in ("w1", "w3", "w2")]
+            if self.use_fast and None not in fids and _int4_ok(x) and qops.loaded():  # one C++ op for the layer
+                return torch.ops.kimiq_cpu.qexperts(x, weights.float(), idx, self.w1_weight, self.w3_weight,
+                                                    self.w2_weight, *fids)
             return opaque.quant_experts(x, weights, idx, self.opaque_handle)
         return self.eager_forward(x, weights, idx)
 

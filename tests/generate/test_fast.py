@@ -99,15 +99,30 @@ def test_engine_uses_the_step_and_keeps_greedy_output():
     assert len(calls) == 5 and all(c == (2, 1) for c in calls)
 
 
-def test_compiled_decode_step_with_quantized_modules():
-    """Quantized linears, experts and embedding enter the graph as opaque custom ops (kimiq.quant.opaque):
-    the compiled step gives the quantized model's own logits."""
+@pytest.mark.parametrize("cxx_ops", [True, False])
+def test_compiled_decode_step_with_quantized_modules(cxx_ops, monkeypatch):
+    """Quantized linears, experts and embedding enter the graph as kimiq_cpu C++ operators (kimiq.ops.qops) or,
+    without them, as opaque Python custom ops (kimiq.quant.opaque): either way the compiled step gives the
+    quantized model's own logits, and with the C++ operators no Python op runs in a step."""
+    from kimiq.ops import qops
+    from kimiq.quant import opaque
     from kimiq.quant.modules import quantize
 
     model = quantize(random_model(ModelConfig.tiny(), seed=6), "q8_0")
+    if cxx_ops:
+        step = DecodeStep(model)
+        assert qops.loaded(), qops._State.error
+        calls = []
+        real = opaque._module
+        monkeypatch.setattr(opaque, "_module", lambda h: calls.append(h) or real(h))
+    else:
+        monkeypatch.setattr(qops, "loaded", lambda: False)
+        step = DecodeStep(model)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=2):
-        _run(model, DecodeStep(model), torch.float32, ragged=False, n_steps=4)
+        _run(model, step, torch.float32, ragged=False, n_steps=4)
+    if cxx_ops:
+        assert calls == []
 
 
 def test_two_steps_keep_their_own_graphs():

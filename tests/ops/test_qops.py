@@ -1,0 +1,93 @@
+"""The C++ operators (kimiq/ops/qops.py) against the eager quantized modules they stand in for in compiled graphs.
+
+Same kernels as ``kimiq.ops.qmatmul``, so fp32 agrees to the last bits but for silu's exp; bf16 rounds where the
+eager modules round.  Tolerances relative to max |eager output|.
+"""
+
+import shutil
+
+import pytest
+import torch
+
+from kimiq.ops import qmatmul, qops
+from kimiq.quant.formats import get_format
+from kimiq.quant.modules import QuantEmbedding, QuantExperts, QuantLinear
+
+TOL = {torch.float32: 1e-6, torch.bfloat16: 2e-2}
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                reason="no C++ compiler: no operators to test (compiled graphs use Python ops)")
+
+
+def test_builds():
+    assert qops.available(), qops._State.error
+    assert qops.loaded()
+
+
+def _parts(fmt: str, N: int, K: int, seed: int):
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed))
+    return get_format(fmt).quantize(w)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+    assert err <= TOL[dtype], err
+
+
+@pytest.mark.parametrize("fmt", qmatmul.GGUF_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qlinear_matches_the_module(fmt, dtype):
+    assert qops.available()
+    N, K = 40, 512
+    lin = QuantLinear(fmt, K, N, _parts(fmt, N, K, 1), dtype)
+    lin._int4 = False  # eager path: the fused kernel (4-bit formats would take torch's int4 op)
+    for shape in ((1, 1, K), (3, K), (2, 19, K)):  # 38 rows: more than one kernel call
+        x = torch.randn(*shape).to(dtype)
+        got = torch.ops.kimiq_cpu.qlinear(x, lin.q_weight, qops.FORMAT_ID[fmt], N)
+        lin.use_fast = shape[-2] <= qmatmul.MAX_ROWS  # the module's reference path for prefill-sized inputs
+        _close(got, lin.eager_forward(x), dtype if lin.use_fast else torch.bfloat16)
+
+
+@pytest.mark.parametrize("fmts", [("q6_k", "q6_k", "q8_0"), ("mxfp4", "mxfp4", "mxfp4"), ("q5_0", "q5_1", "q3_k")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qexperts_matches_the_module(fmts, dtype):
+    assert qops.available()
+    E, D, I, k = 5, 256, 512, 2
+    names = ("w1", "w3", "w2")
+    shapes = {"w1": (I, D), "w3": (I, D), "w2": (D, I)}
+    parts = {}
+    for p, fmt in zip(names, fmts):
+        per = [_parts(fmt, *shapes[p], seed=10 * E + e) for e in range(E)]
+        parts[p] = {key: torch.stack([q[key] for q in per]) for key in per[0]}
+    exp = QuantExperts(dict(zip(names, fmts)), shapes, parts, E, dtype)
+    gen = torch.Generator().manual_seed(0)
+    for T in (1, 3):
+        x = torch.randn(T, D, generator=gen).to(dtype)
+        idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+        w = torch.rand(T, k, generator=gen)
+        got = torch.ops.kimiq_cpu.qexperts(x, w, idx, exp.w1_weight, exp.w3_weight, exp.w2_weight,
+                                           *[qops.FORMAT_ID[f] for f in fmts])
+        _close(got, exp.eager_forward(x, w, idx), dtype)
+
+
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "q8_0", "q2_k", "mxfp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qrows_matches_the_module(fmt, dtype):
+    assert qops.available()
+    V, D = 50, 256
+    emb = QuantEmbedding(fmt, V, D, _parts(fmt, V, D, 2), dtype)
+    ids = torch.tensor([[3, 49, 0], [7, 7, 12]])
+    got = torch.ops.kimiq_cpu.qrows(emb.q_weight, ids, qops.FORMAT_ID[fmt], D, dtype == torch.bfloat16)
+    assert torch.equal(got, emb.eager_forward(ids))  # a dequantized value, no sums: equal
+
+
+def test_bad_input_is_refused_with_a_reason():
+    assert qops.available()
+    lin = QuantLinear("q8_0", 64, 8, _parts("q8_0", 8, 64, 3))
+    with pytest.raises(RuntimeError, match="unknown format"):
+        torch.ops.kimiq_cpu.qlinear(torch.randn(1, 64), lin.q_weight, 99, 8)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.kimiq_cpu.qlinear(torch.randn(1, 64).half(), lin.q_weight, 0, 8)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.kimiq_cpu.qrows(lin.q_weight, torch.tensor([8]), 0, 64, False)
