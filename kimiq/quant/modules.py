@@ -94,6 +94,10 @@ class QuantLinear(_Packed):
 
     def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_fast and _int4_ok(x):
+            if x.numel() >= qmatmul.GEMM_ROWS * self.in_features:  # prefill: C dequantization, then a dense GEMM
+                w = self._fast_dequantized(x.dtype)
+                if w is not None:
+                    return F.linear(x, w)
             if self._int4 is None:
                 self._int4 = _int4_pack(self.fmt.name, self._parts("q"), self.in_features) or False
             if self._int4:
@@ -107,6 +111,13 @@ class QuantLinear(_Packed):
                     return y.view(*x.shape[:-1], self.out_features)
         w = self.fmt.dequantize(self._parts("q"), (self.out_features, self.in_features), x.dtype)
         return F.linear(x, w)
+
+    def _fast_dequantized(self, dtype: torch.dtype) -> torch.Tensor | None:
+        if self._fused is None:
+            self._fused = qmatmul.prepare(self.fmt.name, self._parts("q")) or False
+        if not self._fused:
+            return None
+        return qmatmul.dequantize(self.fmt.name, self._fused, (self.out_features, self.in_features), dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, format={self.fmt.name}"
@@ -201,14 +212,18 @@ class QuantExperts(_Packed):
         """x @ W_e^T for one expert: the CPU kernels as in QuantLinear (int4, else fused on the stacked
         blocks, no copy per expert), else the reference dequantize-then-matmul."""
         if self.use_fast and _int4_ok(x):
+            if proj not in self._fused:
+                self._fused[proj] = qmatmul.prepare(self.fmts[proj].name, self._parts(proj)) or False
+            if x.shape[0] >= qmatmul.GEMM_ROWS and self._fused[proj]:  # prefill: C dequantization, dense GEMM
+                w = qmatmul.dequantize(self.fmts[proj].name, self._fused[proj], self.shapes[proj], x.dtype, index=e)
+                if w is not None:
+                    return x @ w.t()
             key = (proj, e)
             if key not in self._int4:
                 parts = {k: v[e] for k, v in self._parts(proj).items()}
                 self._int4[key] = _int4_pack(self.fmts[proj].name, parts, self.shapes[proj][1]) or False
             if self._int4[key]:
                 return _int4_mm(x, self._int4[key])
-            if proj not in self._fused:
-                self._fused[proj] = qmatmul.prepare(self.fmts[proj].name, self._parts(proj)) or False
             if self._fused[proj]:
                 y = qmatmul.qmatmul(self.fmts[proj].name, self._fused[proj], x, self.shapes[proj][0], index=e)
                 if y is not None:

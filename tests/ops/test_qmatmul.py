@@ -87,3 +87,27 @@ def test_modules_fast_equals_reference(fmt):
         fast = exp._matmul(xe, "w2", e)
         ref = xe @ got[e][1].t()
         assert float((fast - ref).abs().max() / ref.abs().max()) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("fmt", qmatmul.GGUF_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_matches_reference(fmt, dtype):
+    """The C decoders (prefill's dequantize-then-GEMM) give the torch reference's values; experts by index."""
+    N, K, E = 24, 512, 3
+    got = [_weights(fmt, N, K, seed=s) for s in range(E)]
+    stacked = qmatmul.prepare(fmt, {"weight": torch.stack([p["weight"] for p, _ in got])})
+    for e in range(E):
+        w = qmatmul.dequantize(fmt, stacked, (N, K), dtype, index=e)
+        assert w is not None and w.dtype == dtype
+        torch.testing.assert_close(w, got[e][1].to(dtype), rtol=1e-6, atol=0)
+    assert qmatmul.dequantize("affine4-g64", stacked, (N, K), dtype) is None  # no C decoder: reference path
+
+
+def test_prefill_sized_inputs_take_the_dense_gemm():
+    N, K = 96, 256
+    parts, w_ref = _weights("q4_k", N, K, 0)
+    lin = QuantLinear("q4_k", K, N, parts)
+    x = torch.randn(qmatmul.GEMM_ROWS, K)
+    y = lin(x)
+    assert lin._int4 is None  # not the int4 repack: the C-dequantized matrix and F.linear
+    torch.testing.assert_close(y, x @ w_ref.t(), rtol=0, atol=1e-4 * float(y.abs().max()))

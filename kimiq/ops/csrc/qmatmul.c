@@ -346,7 +346,8 @@ GGUF_GEMM(q4_k, QK_K, 144, 32, dec_q4_k, 1)
 GGUF_GEMM(q5_k, QK_K, 176, 32, dec_q5_k, 1)
 GGUF_GEMM(q6_k, QK_K, 210, 16, dec_q6_k, 0)
 
-/* Rows of a packed matrix dequantized (an embedding lookup): Y[r, :] = W[rows[r], :], fp32 or bf16. */
+/* Rows of a packed matrix dequantized: Y[r, :] = W[rows[r], :] (rows NULL: rows 0..R-1, the whole matrix, for
+ * prefill's dequantize-then-GEMM), fp32 or bf16.  Loops kept simple so that they vectorize. */
 #define GGUF_ROWS(NAME, QK, BB, S, DEC, HASMIN)                                                          \
     int kq_rows_##NAME(const uint8_t *W, int64_t K, const int64_t *rows, int64_t R, void *Y, int bf16) { \
         if (K % QK) return -1;                                                                          \
@@ -354,13 +355,20 @@ GGUF_GEMM(q6_k, QK_K, 210, 16, dec_q6_k, 0)
         const int64_t nb = K / QK;                                                                      \
         for (int64_t r = 0; r < R; r++) {                                                               \
             int8_t q[QK] __attribute__((aligned(64)));                                                  \
-            float sc[QK / S], mn[QK / S];                                                               \
-            const uint8_t *row = W + rows[r] * nb * BB;                                                 \
+            float sc[QK / S], mn[QK / S], v[QK] __attribute__((aligned(64)));                          \
+            const uint8_t *row = W + (rows ? rows[r] : r) * nb * BB;                                    \
             for (int64_t ib = 0; ib < nb; ib++) {                                                       \
                 DEC(row + ib * BB, q, sc, mn);                                                          \
-                for (int j = 0; j < QK; j++) {                                                          \
-                    const float v = sc[j / S] * (float)q[j] - (HASMIN ? mn[j / S] : 0.f);              \
-                    y_store(Y, r * K + ib * QK + j, v, bf16);                                           \
+                for (int j = 0; j < QK / S; j++) {                                                      \
+                    const float a = sc[j], b = HASMIN ? mn[j] : 0.f;                                    \
+                    for (int l = 0; l < S; l++) v[j * S + l] = a * (float)q[j * S + l] - b;            \
+                }                                                                                       \
+                const int64_t o = r * K + ib * QK;                                                      \
+                if (bf16) {                                                                             \
+                    uint16_t *y = (uint16_t *)Y + o;                                                    \
+                    for (int l = 0; l < QK; l++) y[l] = f32_to_bf16(v[l]);                              \
+                } else {                                                                                \
+                    memcpy((float *)Y + o, v, sizeof(v));                                               \
                 }                                                                                       \
             }                                                                                           \
         }                                                                                               \
