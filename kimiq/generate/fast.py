@@ -128,9 +128,10 @@ class DecodeStep:
         # (a compile option reaches inductor only); a config patch costs a few µs
         with torch._inductor.config.patch(freezing=self.frozen):
             logits, news = self.fn(self.model, ids, kda, past, state.lengths)
-        pos = state.lengths.view(B, 1, 1)
+        rows = torch.arange(B)
         for s, new in zip(mla, news):
             s.ensure_capacity(L + 1)
-            s.latent.scatter_(1, pos.expand(B, 1, new.shape[-1]), new.to(s.latent.dtype))
+            # an indexed write of B entries (scatter_ copied the whole cache buffer on CPU: ~15 µs at 700 slots)
+            s.latent.index_put_((rows, state.lengths), new[:, 0].to(s.latent.dtype))
         state.lengths += 1
         return logits.unsqueeze(1)  # [B, 1, V]
