@@ -26,6 +26,7 @@ import torch
 from kimiq.config import KIMI_LINEAR_48B_HF, ModelConfig
 from kimiq.generate.fast import DecodeStep
 from kimiq.model.model import KimiLinearForCausalLM
+from kimiq.ops import qops
 from kimiq.quant.formats import get_format
 from kimiq.quant.modules import QuantExperts, QuantLinear, quantized_modules
 from kimiq.quant.recipes import KEEP, PROTECTED_ROLES, fit_format, tensor_specs
@@ -104,8 +105,10 @@ def _kernel_bytes(parts_bytes: int, pack) -> int:
     return parts_bytes
 
 
-def bytes_per_token(model, k: int) -> tuple[int, int]:
-    """(bytes the kernels read per decoded token, bytes of the stored format for the same weights)."""
+def bytes_per_token(model, k: int, cxx_experts: bool = False) -> tuple[int, int]:
+    """(bytes the kernels read per decoded token, bytes of the stored format for the same weights).
+    ``cxx_experts``: routed experts run kimiq's C++ operator on the stored blocks (the compiled step), not torch's
+    int4 repack (eager)."""
     kernel = stored = 0
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear) and not name.endswith("lm_head"):
@@ -116,7 +119,7 @@ def bytes_per_token(model, k: int) -> tuple[int, int]:
             for proj in ("w1", "w3", "w2"):
                 b = sum(t[0].numel() * t.element_size() for t in m._parts(proj).values())  # one expert
                 stored += k * b
-                kernel += k * _kernel_bytes(b, m._int4.get((proj, 0)) or None)
+                kernel += k * _kernel_bytes(b, None if cxx_experts else m._int4.get((proj, 0)) or None)
         elif name.endswith("block_sparse_moe.gate"):
             b = m.weight.numel() * m.weight.element_size()
             stored += b
@@ -160,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--mode", choices=DecodeStep.MODES, default="max-autotune", help="the compiled step's mode")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -168,25 +172,28 @@ def main(argv: list[str] | None = None) -> None:
     model = build(cfg, args.format)
     prepare_kernels(model)
     setup = time.perf_counter() - t0
-    kernel, stored = bytes_per_token(model, cfg.moe.num_experts_per_token)
+    steps = {"eager": model}
+    if args.compile:
+        steps["compiled"] = DecodeStep(model, mode=args.mode)
+        print(f"decode step compiled (mode {args.mode}) in {steps['compiled'].warmup():.0f} s", flush=True)
+    k = cfg.moe.num_experts_per_token
+    cxx = qops.loaded() and not any(m._int4_wins() for m in model.modules() if isinstance(m, QuantExperts))
+    per_mode = {mode: bytes_per_token(model, k, mode == "compiled" and cxx) for mode in steps}
+    kernel, stored = per_mode["eager"]
     bw = copy_bandwidth()
     print(f"stack: {args.layers} layers at the 48B width ({cfg.moe.num_experts} experts, top-"
           f"{cfg.moe.num_experts_per_token}), {args.format}; threads {torch.get_num_threads()}; "
           f"built in {setup:.0f} s; "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"weights read per decoded token: {kernel / 2**20:.1f} MiB as the CPU kernels read them "
-          f"({stored / 2**20:.1f} MiB stored); copy bandwidth {bw / 1e9:.1f} GB/s -> roofline "
-          f"{bw / kernel:.1f} tok/s")
-    steps = {"eager": model}
-    if args.compile:
-        steps["compiled"] = DecodeStep(model)
-        steps["compiled"].warmup()
-    print("\n| decode | tok/s | ms/token | of roofline |\n|---|---:|---:|---:|")
+    print(f"weights stored, read per decoded token: {stored / 2**20:.1f} MiB; copy bandwidth {bw / 1e9:.1f} GB/s")
+    print("\n| decode | tok/s | ms/token | MiB read per token (kernels' form) | roofline tok/s | of roofline |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for mode, step in steps.items():
         r = decode_tok_s(step, model, args.gen, args.reps)
         tps = statistics.median(r)
-        print(f"| {mode} | {tps:.2f} ± {(max(r) - min(r)) / 2:.2f} | {1000 / tps:.1f} | "
-              f"{100 * tps * kernel / bw:.0f}% |", flush=True)
+        kernel = per_mode[mode][0]
+        print(f"| {mode} | {tps:.2f} ± {(max(r) - min(r)) / 2:.2f} | {1000 / tps:.1f} | {kernel / 2**20:.1f} | "
+              f"{bw / kernel:.1f} | {100 * tps * kernel / bw:.0f}% |", flush=True)
 
 
 if __name__ == "__main__":
