@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--mode", choices=DecodeStep.MODES, default="max-autotune", help="the compiled step's mode")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,7 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     n_mla = sum(isinstance(s, MLAState) for s in model.new_state(1).layers)
     per_tok = n_mla * cfg.mla.latent_dim * model.dtype.itemsize
     prompt = torch.randint(0, cfg.vocab_size - 300, (1, args.prefill), generator=torch.Generator().manual_seed(0))
-    steps = {"eager": model, "compiled": DecodeStep(model)} if "compiled" in args.modes else {"eager": model}
+    steps = {"eager": model}
+    if "compiled" in args.modes:
+        steps["compiled"] = DecodeStep(model, mode=args.mode)
     steps = {k: v for k, v in steps.items() if k in args.modes}
     if "compiled" in steps:
         steps["compiled"].warmup()

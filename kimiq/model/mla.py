@@ -79,12 +79,15 @@ class KimiMLAAttention(nn.Module):
             mask = None  # plain causal over the T new tokens
         else:
             assert lengths is not None
-            state.ensure_capacity(int(lengths.max()) + T)
+            L = int(lengths.max())
+            state.ensure_capacity(L + T)
             pos = lengths.view(B, 1) + torch.arange(T, device=x.device).view(1, T)  # [B, T] absolute positions
-            state.latent.scatter_(1, pos.unsqueeze(-1).expand(B, T, new.shape[-1]), new.to(state.latent.dtype))
-            S = int(lengths.max()) + T
+            rows = torch.arange(B, device=x.device).view(B, 1)
+            state.latent.index_put_((rows, pos), new.to(state.latent.dtype))  # (scatter_ copied the whole buffer)
+            S = L + T
             kv = state.latent[:, :S].to(x.dtype)
-            mask = torch.arange(S, device=x.device).view(1, 1, S) <= pos.unsqueeze(-1)  # [B, T, S]
+            # an empty cache (a first prefill): plain causal, which SDPA runs without a mask (its fused kernel)
+            mask = None if L == 0 else torch.arange(S, device=x.device).view(1, 1, S) <= pos.unsqueeze(-1)  # [B, T, S]
         if T <= self.absorb_max_tokens:
             out = self._absorbed(q, kv, mask)
         else:
@@ -132,11 +135,14 @@ class KimiMLAAttention(nn.Module):
         k_nope, v = kvb.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, self.rope)], dim=-1)  # [B, S, H, nope + rope]
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, *, d]
+        pad = qh.shape[-1] - self.v_dim
+        if pad > 0:  # v zero-padded to q/k's head dim: SDPA's fused kernel wants equal dims (else its math path,
+            vh = F.pad(vh, (0, pad))  # 2.2x slower on CPU at 512 tokens); the padded outputs are zeros, dropped
         if mask is None:
             o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale)
         else:
             o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask.unsqueeze(1), scale=self.scale)
-        return o.transpose(1, 2)  # [B, T, H, v]
+        return o[..., : self.v_dim].transpose(1, 2)  # [B, T, H, v]
 
     def _absorbed(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, H, _ = q.shape
