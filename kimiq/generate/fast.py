@@ -13,10 +13,11 @@ every context length), and returns the logits and the new latent entries, which 
 chosen experts).  Anything else (prefill, rows that sit out a step, a state with fewer than 2 cached tokens,
 where sizes 0 and 1 would specialise the graph) goes to ``model(...)`` unchanged.
 
-Quantized modules (``kimiq.quant``: ctypes kernels, host-side expert dispatch) enter the graph as opaque
-custom ops (``kimiq.quant.opaque``), one node per call, so their layers are compiled around them.  The
-first call compiles (tens of seconds on 2 cores; inductor caches the result on disk, so later processes
-take a few seconds).  ``tests/generate/test_fast.py`` checks it against ``model(...)``.
+Quantized modules (``kimiq.quant``) enter the graph as torch's int4 op (4-bit affine-form formats), as kimiq's
+C++ operators (``kimiq.ops.qops``: GGUF formats, a whole MoE layer's chosen experts in one call), or else as
+opaque Python custom ops (``kimiq.quant.opaque``), one node per call, so their layers are compiled around them.
+The first call compiles (10-30 s on 2 cores; ``mode="max-autotune"``: 25-75 s, and a C++ wrapper so no Python
+runs between kernels).  ``tests/generate/test_fast.py`` checks it against ``model(...)``.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class DecodeStep:
     def __init__(self, model, *, compile: bool = True, freeze: bool | None = None, mode: str = "default"):
         """``mode="max-autotune"``: inductor benchmarks its C++ GEMM templates against oneDNN for every frozen
         linear and emits a C++ wrapper (no Python between kernels): fp32 default model 2.1 -> 1.3 ms a step, bf16
-        -> 1.3 ms, at the price of a compile of ~45-60 s on 2 cores that inductor's disk cache does not shorten
+        -> 1.3 ms, at the price of a compile of 25-75 s on 2 cores that inductor's disk cache does not shorten
         (frozen graphs hold oneDNN tensors it cannot pickle)."""
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, not {mode!r}")
@@ -91,7 +92,8 @@ class DecodeStep:
         # own copy of ``decode_step``'s code, hence its own graphs.
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         if mode == "max-autotune":
-            options |= {"max_autotune": True, "cpp_wrapper": True}
+            options |= {"max_autotune": True, "cpp_wrapper": True,  # and no autotuning tables on stderr:
+                        "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
         own = types.FunctionType(decode_step.__code__.replace(co_name=f"decode_step_{id(self):x}"),
                                  decode_step.__globals__, f"decode_step_{id(self):x}")
         self.fn = torch.compile(own, options=options) if self.compiled else decode_step

@@ -6,7 +6,9 @@ While dynamo traces, their ``forward`` (and ``QuantLinear.weight``) call the ops
 module call, whose real implementation is the module's eager code and whose fake implementation gives the
 output shape.  The op finds its module by a handle (``register``, done when the module is built and again by
 ``register_all``): a weak table from ``id(module)`` to the module, so a handle never keeps a model alive.
-Outside compilation nothing here runs.
+Outside compilation nothing here runs.  GGUF formats take kimiq's C++ operators instead where they are built
+(``kimiq.ops.qops``: no Python per call); these ops remain for mlx formats, large int4 experts and machines
+without a C++ compiler.
 """
 
 from __future__ import annotations
