@@ -22,11 +22,12 @@ Transient, at the peak = the last prefill chunk (largest S), each phase freed be
 
 * MLA attention (``KimiMLAAttention._expanded``): the whole cached context is decompressed per MLA layer,
   ``kv_b_proj(c)`` [B, S, H, nope+v] and the key ``cat`` [B, S, H, nope+rope] (e each), plus q and the
-  [B, C, S] bool mask.  Then SDPA: on **CPU** the math path (the MLA v head dim differs from the q/k one, so no
-  flash kernel): float mask [B, C, S] (e), scores, softmax and the isneginf mask [B, H, C, S] (4 + 4 + 1 bytes;
-  fp32 whatever e), fp32 copies of q/k/v when e < 4, and the scaled q.  On **CUDA** the memory-efficient kernel
-  is assumed: no [B, H, C, S] tensor, the mask as bool + a float bias and one aligned copy (e each)
-  [modelled, not measured: no GPU here].
+  [B, C, S] bool mask (none for a first chunk into an empty cache: plain causal).  Then SDPA's fused kernel, no
+  [B, H, C, S] tensor: on **CPU** flash attention, which wants equal head dims, so v is zero-padded to the q/k
+  one [B, H, S, qk] (e), plus the mask as a float bias [B, C, S] (e) and the padded output [B, H, C, qk] (e); on
+  **CUDA** the memory-efficient kernel (unequal dims, no padding): the mask as bool + a float bias and one
+  aligned copy (e each) [modelled, not measured: no GPU here].  ``Device.attention = "math"`` models the math
+  path (scores, softmax and isneginf mask [B, H, C, S], 9 bytes each), which the CPU took before v was padded.
 * KDA chunk (``KimiDeltaAttention`` + ``chunk_kda``): ~``N * P * (3e + 40 [+4 if e < 4])``: three conv outputs
   in e, then fp32 q/k (l2norm), g, the [B, H, n, C, K] reshaped q/k/v/g, G = cumsum(g), the chunk outputs and
   their stack.
@@ -38,15 +39,17 @@ Transient, at the peak = the last prefill chunk (largest S), each phase freed be
 
 Plus: the caller's fp32 logits of the previous chunk ([N, V] x 4, as ``kimiq eval`` feeds full-logit chunks;
 with ``last_only``, as the engine's prefill, [B, V] x 4 and a [B, V] head); allocator slack, memory the
-allocator holds beyond live tensors, as a fraction of the workspace: CPU 0.2 (glibc keeps freed blocks under
-its dynamic mmap threshold, up to 32 MiB, in the heap, and BLAS/oneDNN keep buffers: measured 12-31% on the
-default model at 2k-16k context, where the tensor model alone matches the live-tensor peak of torch's memory
-profiler within 0.2%), CUDA 0.1 (caching-allocator rounding; an estimate); and a fixed runtime overhead per
+allocator holds beyond live tensors, as a fraction of the workspace with a floor: CPU 0.2, at least 16 MiB
+(glibc keeps freed blocks under its dynamic mmap threshold, up to 32 MiB, in the heap, and BLAS/oneDNN keep
+buffers: measured 12-31% on the default model at 2k-16k context with the math attention path, where the tensor
+model alone matched the live-tensor peak of torch's memory profiler within 0.2%; with the fused attention the
+workspace shrank and the floor shows: 12-28 MiB above the tensors at 2k-4k, varying by ~15 MiB from run to
+run), CUDA 0.1 (caching-allocator rounding; an estimate); and a fixed runtime overhead per
 device: CPU 400 MiB (Python, torch and kimiq imported and warmed up: ~320 MiB RSS measured with torch 2.13),
 CUDA 1 GiB (CUDA context and cuBLAS workspaces; an estimate).
 
     peak(S) = weights (+ int4 repacks, + kv_b dequantized) + B*kda_state + B*S*mla_per_token + logits_held
-              + (1 + slack) * max(phases at S) + overhead
+              + max(phases at S) + max(slack * max(phases at S), slack_floor) + overhead
 
 is increasing in S and B, so the longest context (and the most rows) that fit a budget are found by bisection.
 
@@ -56,9 +59,10 @@ prefill and decode); its VmRSS is the baseline and VmHWM is reset (``/proc/self/
 the checkpoint, allocates ``new_state(B, capacity=S)`` and prefills S random tokens in chunks of C with the
 state carried, holding each chunk's logits.  ``peak = VmHWM - baseline`` counts weights + state + buffers +
 allocator slack, not the Python/torch baseline; compare it with ``MemoryPlan.model_bytes``.  Default model,
-fp32: within +-6% at 2k-16k context (tests/eval/test_plan.py).  Not modelled: CPU bf16/fp16, where oneDNN keeps
-primitives and buffers per matmul shape (kv_b_proj over the growing context is a new shape every chunk; RSS
-27-49% above the plan at 2k-4k), and load-time allocator slack of small checkpoints (~8 MiB for 283 tensors).
+fp32: within -13% to +7% at 2k-16k context (tests/eval/test_plan.py; 2026-12-01, flash attention).
+Not modelled: CPU bf16/fp16, where oneDNN keeps primitives and buffers per matmul shape (kv_b_proj over the
+growing context is a new shape every chunk; RSS 27-49% above the plan at 2k-4k, measured with the math attention
+path), and load-time allocator slack of small checkpoints (~8 MiB for 283 tensors).
 """
 
 from __future__ import annotations
@@ -93,12 +97,14 @@ def dtype_bytes(name: str) -> int:
 class Device:
     name: str
     overhead: int  # fixed bytes not proportional to the model (Python/torch runtime, CUDA context)
-    fused_attention: bool  # SDPA never materialises [B, H, C, S] scores
+    attention: str  # SDPA's kernel: "flash" (v padded to the q/k dim), "efficient" (unequal dims) or "math"
     slack: float  # allocator memory beyond live tensors, as a fraction of the chunk workspace
     int4_kernel: bool  # 4-bit affine-form linears run torch's int4 kernel on a cached repack
+    slack_floor: int = 0  # allocator slack of at least this many bytes
 
 
-DEVICES = {"cpu": Device("cpu", 400 * MiB, False, 0.2, True), "cuda": Device("cuda", 1 * GiB, True, 0.1, False)}
+DEVICES = {"cpu": Device("cpu", 400 * MiB, "flash", 0.2, True, 16 * MiB),
+           "cuda": Device("cuda", 1 * GiB, "efficient", 0.1, False)}
 
 
 # ----------------------------------------------------------------------------------------------- persistent
@@ -172,7 +178,7 @@ def mla_bytes_per_token(cfg: ModelConfig, elem_bytes: int, *, separate_v: bool =
 
 
 # ----------------------------------------------------------------------------------------------- transient
-def attention_workspace(cfg: ModelConfig, batch: int, chunk: int, context: int, e: int, fused: bool) -> int:
+def attention_workspace(cfg: ModelConfig, batch: int, chunk: int, context: int, e: int, kind: str) -> int:
     """Peak bytes of one MLA layer's expanded prefill: C new queries over S cached positions (module docstring)."""
     m = cfg.mla
     B, C, S, H = batch, chunk, context, m.num_heads
@@ -180,7 +186,9 @@ def attention_workspace(cfg: ModelConfig, batch: int, chunk: int, context: int, 
     kv = B * S * H * (m.qk_nope_head_dim + dv) * e + B * S * H * dqk * e  # kv_b_proj(c) [B,S,H,nope+v], k [B,S,H,qk]
     q = B * C * H * dqk * e
     mask = B * C * S  # bool [B, C, S]
-    if fused:
+    if kind == "flash":  # float bias, v padded to the q/k head dim, the padded output; no [B, H, C, S]
+        return kv + q + mask + B * C * S * e + B * H * S * dqk * e + B * H * C * dqk * e
+    if kind == "efficient":
         return kv + q + mask + 2 * B * C * S * e  # float bias + one aligned copy; no [B, H, C, S]
     up = 0 if e == 4 else B * H * (C * dqk + S * (dqk + dv)) * 4  # math SDPA upcasts reduced q/k/v to fp32
     base = kv + q + up + B * C * H * dqk * 4 + mask + B * C * S * e  # + scaled q, float mask
@@ -188,7 +196,7 @@ def attention_workspace(cfg: ModelConfig, batch: int, chunk: int, context: int, 
     return base + max(hc * 4 + B * H * S * dqk * 4, hc * (4 + 4 + 1))  # q@k^T with scaled k | softmax + isneginf
 
 
-def chunk_phases(cfg: ModelConfig, batch: int, chunk: int, context: int, e: int, fused: bool,
+def chunk_phases(cfg: ModelConfig, batch: int, chunk: int, context: int, e: int, attention: str,
                  last_only: bool = False) -> dict[str, int]:
     """Transient bytes of each phase of a prefill chunk whose last position is ``context`` (residual included);
     ``last_only``: the head runs on each row's last position only (``model(..., last_only=True)``)."""
@@ -196,7 +204,7 @@ def chunk_phases(cfg: ModelConfig, batch: int, chunk: int, context: int, e: int,
     resid = 3 * N * D * e
     rows = batch if last_only else N
     phases = {
-        "mla attention": attention_workspace(cfg, batch, chunk, context, e, fused) if cfg.mla_layers else 0,
+        "mla attention": attention_workspace(cfg, batch, chunk, context, e, attention) if cfg.mla_layers else 0,
         "kda chunk": N * cfg.kda.proj_dim * (3 * e + 40 + (4 if e < 4 else 0)) if cfg.kda_layers else 0,
         "lm_head": rows * V * e + (rows * V * 4 if e < 4 else 0),
     }
@@ -229,7 +237,7 @@ class MemoryPlan:
     logits: int  # previous chunk's fp32 logits, held by the caller
     workspace: int  # the largest phase of the last chunk
     workspace_phase: str
-    slack: int  # allocator memory beyond live tensors (Device.slack x workspace)
+    slack: int  # allocator memory beyond live tensors (Device.slack x workspace, at least Device.slack_floor)
     overhead: int
     phases: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
@@ -292,8 +300,8 @@ class Planner:
         last = context - before * C  # the last chunk, 1..C tokens, ends at S
         # the peak is the last chunk or, when that one is short, the full chunk before it
         cands = [(last, context)] + ([(C, context - last)] if before and last < C else [])
-        fused = self.device.fused_attention
-        best = max((chunk_phases(self.cfg, batch, c, s, e, fused, self.last_only) for c, s in cands),
+        attention = self.device.attention
+        best = max((chunk_phases(self.cfg, batch, c, s, e, attention, self.last_only) for c, s in cands),
                    key=lambda ph: max(ph.values()))
         w, int4 = self.weights, self.device.int4_kernel
         deq = w.max_dequant_cpu if int4 else w.max_dequant
@@ -306,7 +314,8 @@ class Planner:
             context=context, chunk=C, int4_repack=w.int4_repack if int4 else 0, kda_state=batch * (rec + conv),
             mla_per_token=per_tok,
             mla_cache=batch * context * per_tok, logits=held,
-            workspace=best[phase], workspace_phase=phase, slack=int(self.device.slack * best[phase]),
+            workspace=best[phase], workspace_phase=phase,
+            slack=max(int(self.device.slack * best[phase]), self.device.slack_floor),
             overhead=self.device.overhead, phases=best,
         )
 

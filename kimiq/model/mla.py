@@ -136,8 +136,8 @@ class KimiMLAAttention(nn.Module):
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, self.rope)], dim=-1)  # [B, S, H, nope + rope]
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, *, d]
         pad = qh.shape[-1] - self.v_dim
-        if pad > 0:  # v zero-padded to q/k's head dim: SDPA's fused kernel wants equal dims (else its math path,
-            vh = F.pad(vh, (0, pad))  # 2.2x slower on CPU at 512 tokens); the padded outputs are zeros, dropped
+        if pad > 0 and qh.device.type == "cpu":  # v zero-padded to q/k's head dim: the CPU flash kernel wants equal
+            vh = F.pad(vh, (0, pad))  # dims (else SDPA's math path, 2.2x slower at 512 tokens); padded outputs are 0
         if mask is None:
             o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale)
         else:

@@ -81,7 +81,7 @@ def test_48b_plan_and_budget(real):
     assert p.plan(n).mla_per_token == 8064 and p.plan(n).kda_state == 43_417_600
     assert p.max_context(parse_size("24GiB")) == 0  # 29.7 GB of weights do not fit a 24 GiB card
     cpu = Planner(real, p.weights, "bfloat16", DEVICES["cpu"], 512)
-    assert cpu.plan(n).workspace > p.plan(n).workspace  # math attention materialises [B, H, C, S] scores
+    assert cpu.plan(n).workspace > p.plan(n).workspace  # CPU flash attention needs v padded to the q/k dim
 
 
 # ---------------------------------------------------------------------------------------------- engine agreement
@@ -164,8 +164,9 @@ def _check(context: int, chunk: int) -> None:
 
 
 def test_prediction_matches_measured_prefill_peak():
-    """2k tokens in 2 chunks of 1024: weights 57 MiB, MLA attention workspace ~95 MiB, logits 16 MiB."""
-    _check(2048, 1024)
+    """4k tokens in 4 chunks of 1024: weights 57 MiB, MLA attention workspace ~46 MiB, logits 16 MiB, allocator
+    slack at its 16 MiB floor (at 2k the measured peak varies by ~15 MiB from run to run: too noisy for 15%)."""
+    _check(4096, 1024)
 
 
 @pytest.mark.slow
