@@ -130,7 +130,7 @@ class DecodeStep:
         # (a compile option reaches inductor only); a config patch costs a few µs
         with torch._inductor.config.patch(freezing=self.frozen):
             logits, news = self.fn(self.model, ids, kda, past, state.lengths)
-        rows = torch.arange(B)
+        rows = torch.arange(B, device=state.lengths.device)
         for s, new in zip(mla, news):
             s.ensure_capacity(L + 1)
             # an indexed write of B entries (scatter_ copied the whole cache buffer on CPU: ~15 µs at 700 slots)
