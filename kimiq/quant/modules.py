@@ -94,7 +94,7 @@ class QuantLinear(_Packed):
 
     def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_fast and _int4_ok(x):
-            if x.numel() >= qmatmul.GEMM_ROWS * self.in_features:  # prefill: C dequantization, then a dense GEMM
+            if _dense_rows(x.numel() // self.in_features, self.fmt.name):  # prefill: C dequantization, dense GEMM
                 w = self._fast_dequantized(x.dtype)
                 if w is not None:
                     return F.linear(x, w)
@@ -121,6 +121,16 @@ class QuantLinear(_Packed):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, format={self.fmt.name}"
+
+
+def _dense_rows(rows: int, fmt: str) -> bool:
+    """Whether ``rows`` activation rows go to C dequantization + dense GEMM: from GEMM_ROWS on for formats that
+    torch's int4 kernel takes (faster than dequantizing below that), above the fused kernels' MAX_ROWS otherwise
+    (the alternative there is the far slower torch reference dequantization)."""
+    from .dequant import INT4_AFFINE
+
+    int4 = fmt in INT4_AFFINE or fmt.startswith("affine4-g")
+    return rows >= qmatmul.GEMM_ROWS if int4 else rows > qmatmul.MAX_ROWS
 
 
 def _int4_ok(x: torch.Tensor) -> bool:
@@ -214,7 +224,7 @@ class QuantExperts(_Packed):
         if self.use_fast and _int4_ok(x):
             if proj not in self._fused:
                 self._fused[proj] = qmatmul.prepare(self.fmts[proj].name, self._parts(proj)) or False
-            if x.shape[0] >= qmatmul.GEMM_ROWS and self._fused[proj]:  # prefill: C dequantization, dense GEMM
+            if _dense_rows(x.shape[0], self.fmts[proj].name) and self._fused[proj]:  # prefill: C dequant, GEMM
                 w = qmatmul.dequantize(self.fmts[proj].name, self._fused[proj], self.shapes[proj], x.dtype, index=e)
                 if w is not None:
                     return x @ w.t()
