@@ -353,6 +353,21 @@ static inline void y_store(void *Y, int64_t idx, float v, int bf16) {
         return 0;                                                                                       \
     }
 
+/* The GGUF formats, once: X(name, weights per block QK, bytes per block, weights per sub-block S, decoder, has a
+ * min).  The first list holds the 32-weight, one-scale formats whose decode kernels can take int8 activations. */
+#define GGUF_I8_FORMATS(X)                                                                                \
+    X(q8_0, 32, 34, 32, dec_q8_0, 0)                                                                      \
+    X(q4_0, 32, 18, 32, dec_q4_0, 0)                                                                      \
+    X(mxfp4, 32, 17, 32, dec_mxfp4, 0)
+#define GGUF_OTHER_FORMATS(X)                                                                             \
+    X(q5_0, 32, 22, 32, dec_q5_0, 0)                                                                      \
+    X(q5_1, 32, 24, 32, dec_q5_1, 1)                                                                      \
+    X(q2_k, QK_K, 84, 16, dec_q2_k, 1)                                                                    \
+    X(q3_k, QK_K, 110, 16, dec_q3_k, 0)                                                                   \
+    X(q4_k, QK_K, 144, 32, dec_q4_k, 1)                                                                   \
+    X(q5_k, QK_K, 176, 32, dec_q5_k, 1)                                                                   \
+    X(q6_k, QK_K, 210, 16, dec_q6_k, 0)
+
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
 /* Formats of 32-weight blocks with one scale and no min (Q8_0, Q4_0, MXFP4): as llama.cpp, the activations
  * are quantized to int8 per 32 values (dx = max|x| / 127, round to nearest) and each block is one int8 dot
@@ -391,7 +406,8 @@ static inline __m256i reg_mxfp4(const uint8_t *b, float *d) {
     return nibbles32(b + 1, E2M1X2);
 }
 
-#define GGUF_GEMM_I8(NAME, BB, DEC)                                                                       \
+/* (the X-macro's arguments; the block comes from reg_<name>, one scale per 32 weights) */
+#define GGUF_GEMM_I8(NAME, QK, BB, S, DEC, HASMIN)                                                        \
     int kq_##NAME(const uint8_t *W, int64_t N, int64_t K, const void *X, int64_t M, void *Y, int bf16,  \
                   int nthreads) {                                                                       \
         if (M < 1 || M > MMAX || K % 32) return -1;                                                     \
@@ -412,7 +428,7 @@ static inline __m256i reg_mxfp4(const uint8_t *b, float *d) {
                 __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),           \
                                _mm256_setzero_ps()};                                                    \
                 for (int64_t ib = 0; ib < nb; ib++) {                                                   \
-                    const __m256i w = DEC(row + ib * BB, &sc), aw = _mm256_sign_epi8(w, w);             \
+                    const __m256i w = reg_##NAME(row + ib * BB, &sc), aw = _mm256_sign_epi8(w, w);      \
                     const __m256i v = _mm256_loadu_si256((const __m256i *)(xq + ib * 32));              \
                     const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, _mm256_sign_epi8(v, w)); \
                     a[ib & 3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sc * dx[ib]), a[ib & 3]); \
@@ -426,7 +442,7 @@ static inline __m256i reg_mxfp4(const uint8_t *b, float *d) {
             }                                                                                           \
             for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();                               \
             for (int64_t ib = 0; ib < nb; ib++) {                                                       \
-                const __m256i w = DEC(row + ib * BB, &sc), aw = _mm256_sign_epi8(w, w);                 \
+                const __m256i w = reg_##NAME(row + ib * BB, &sc), aw = _mm256_sign_epi8(w, w);          \
                 for (int64_t m = 0; m < M; m++) {                                                       \
                     const __m256i v = _mm256_loadu_si256((const __m256i *)(xq + m * K + ib * 32));      \
                     const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw,                  \
@@ -448,25 +464,15 @@ static inline __m256i reg_mxfp4(const uint8_t *b, float *d) {
         return 0;                                                                                       \
     }
 
-GGUF_GEMM_I8(q8_0, 34, reg_q8_0)
-GGUF_GEMM_I8(q4_0, 18, reg_q4_0)
-GGUF_GEMM_I8(mxfp4, 17, reg_mxfp4)
+GGUF_I8_FORMATS(GGUF_GEMM_I8)
 #else
 #define KQ_I8_ACTIVATIONS 0
-GGUF_GEMM(q8_0, 32, 34, 32, dec_q8_0, 0)
-GGUF_GEMM(q4_0, 32, 18, 32, dec_q4_0, 0)
-GGUF_GEMM(mxfp4, 32, 17, 32, dec_mxfp4, 0)
+GGUF_I8_FORMATS(GGUF_GEMM)
 #endif
-GGUF_GEMM(q5_0, 32, 22, 32, dec_q5_0, 0)
+GGUF_OTHER_FORMATS(GGUF_GEMM)
 
 /* 1 when Q8_0 / Q4_0 / MXFP4 quantize their activations to int8 (the VNNI kernels above), else 0 */
 int kq_i8_activations(void) { return KQ_I8_ACTIVATIONS; }
-GGUF_GEMM(q5_1, 32, 24, 32, dec_q5_1, 1)
-GGUF_GEMM(q2_k, QK_K, 84, 16, dec_q2_k, 1)
-GGUF_GEMM(q3_k, QK_K, 110, 16, dec_q3_k, 0)
-GGUF_GEMM(q4_k, QK_K, 144, 32, dec_q4_k, 1)
-GGUF_GEMM(q5_k, QK_K, 176, 32, dec_q5_k, 1)
-GGUF_GEMM(q6_k, QK_K, 210, 16, dec_q6_k, 0)
 
 /* Rows of a packed matrix dequantized: Y[r, :] = W[rows[r], :] (rows NULL: rows 0..R-1, the whole matrix, for
  * prefill's dequantize-then-GEMM), fp32 or bf16.  Loops kept simple so that they vectorize. */
@@ -497,16 +503,8 @@ GGUF_GEMM(q6_k, QK_K, 210, 16, dec_q6_k, 0)
         return 0;                                                                                       \
     }
 
-GGUF_ROWS(q8_0, 32, 34, 32, dec_q8_0, 0)
-GGUF_ROWS(q4_0, 32, 18, 32, dec_q4_0, 0)
-GGUF_ROWS(mxfp4, 32, 17, 32, dec_mxfp4, 0)
-GGUF_ROWS(q5_0, 32, 22, 32, dec_q5_0, 0)
-GGUF_ROWS(q5_1, 32, 24, 32, dec_q5_1, 1)
-GGUF_ROWS(q2_k, QK_K, 84, 16, dec_q2_k, 1)
-GGUF_ROWS(q3_k, QK_K, 110, 16, dec_q3_k, 0)
-GGUF_ROWS(q4_k, QK_K, 144, 32, dec_q4_k, 1)
-GGUF_ROWS(q5_k, QK_K, 176, 32, dec_q5_k, 1)
-GGUF_ROWS(q6_k, QK_K, 210, 16, dec_q6_k, 0)
+GGUF_I8_FORMATS(GGUF_ROWS)
+GGUF_OTHER_FORMATS(GGUF_ROWS)
 
 /* mlx affine: codes = LSB-first bitstream per row (uint32 words), scales/biases fp32 [N, K/g];
  * w = s * q + b.  A group of g >= 32 codes fills whole words, so every group starts on a word boundary. */
