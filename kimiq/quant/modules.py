@@ -127,10 +127,14 @@ def _dense_rows(rows: int, fmt: str) -> bool:
     """Whether ``rows`` activation rows go to C dequantization + dense GEMM: from GEMM_ROWS on for formats that
     torch's int4 kernel takes (faster than dequantizing below that), above the fused kernels' MAX_ROWS otherwise
     (the alternative there is the far slower torch reference dequantization)."""
+    return rows >= qmatmul.GEMM_ROWS if _int4_format(fmt) else rows > qmatmul.MAX_ROWS
+
+
+def _int4_format(fmt: str) -> bool:
+    """4-bit affine-form formats: the ones ``_int4_pack`` can repack for torch's int4 kernel."""
     from .dequant import INT4_AFFINE
 
-    int4 = fmt in INT4_AFFINE or fmt.startswith("affine4-g")
-    return rows >= qmatmul.GEMM_ROWS if int4 else rows > qmatmul.MAX_ROWS
+    return fmt in INT4_AFFINE or fmt.startswith("affine4-g")
 
 
 def _int4_ok(x: torch.Tensor) -> bool:
@@ -256,10 +260,8 @@ class QuantExperts(_Packed):
         """Large 4-bit experts run faster through torch's int4 kernel, one Python-level call per expert (48B width,
         2304x1024 Q4_K: 64 µs vs 108 µs in kimiq's C kernel), than through the one C++ call per layer; small ones
         the other way round (default model, 256x256: the ~15 µs of a Python call exceed either kernel)."""
-        from .dequant import INT4_AFFINE
-
         n, k = self.shapes["w1"]
-        return n * k >= self.INT4_MIN_WEIGHTS and all(f.name in INT4_AFFINE for f in self.fmts.values())
+        return n * k >= self.INT4_MIN_WEIGHTS and all(_int4_format(f.name) for f in self.fmts.values())
 
     def eager_forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         def expert(e: int, xe: torch.Tensor) -> torch.Tensor:
