@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "qmatmul", "dequantize", "int8_activations", "GGUF_KERNELS", "MAX_ROWS", "GEMM_ROWS",
-           "prepare"]
+__all__ = ["available", "qmatmul", "dequantize", "int8_activations", "build_cached", "GGUF_KERNELS", "MAX_ROWS",
+           "GEMM_ROWS", "prepare"]
 
 MAX_ROWS = 16  # activation rows per call (decode, speculative verification); prefill uses the reference path
 GEMM_ROWS = 64  # from this many rows on, dequantizing in C then a dense GEMM beats every fused kernel (prefill)
@@ -58,25 +58,30 @@ def _cpu_id() -> str:
     return platform.processor()
 
 
+def build_cached(stem: str, key: bytes, commands) -> Path:
+    """The shared object ``<cache>/<stem>-<hash of key>.so``, built once per machine: ``commands(tmp)`` gives the
+    compiler command lines that write ``tmp / "<stem>.so"`` inside a private temporary folder, from which the result
+    is moved into place atomically (concurrent builders never load a partial file).  Raises RuntimeError with the
+    compiler's message."""
+    out = _cache_dir() / f"{stem}-{hashlib.sha256(key).hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        for cmd in commands(Path(tmp)):
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                raise RuntimeError(f"building {stem} failed:\n{' '.join(cmd)}\n{r.stderr[-2000:]}")
+        os.replace(Path(tmp) / f"{stem}.so", out)
+    return out
+
+
 def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    src = _SRC.read_bytes()
-    key = hashlib.sha256(src + " ".join([cc, *_FLAGS, platform.machine(), _cpu_id()]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"qmatmul-{key}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        try:
-            r = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SRC), "-lm"], capture_output=True, text=True)
-            if r.returncode:
-                raise RuntimeError(f"{cc} failed on {_SRC.name}:\n{r.stderr[-2000:]}")
-            os.replace(tmp, out)  # atomic: concurrent builders each write their own temp file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    key = _SRC.read_bytes() + " ".join([cc, *_FLAGS, platform.machine(), _cpu_id()]).encode()
+    out = build_cached("qmatmul", key, lambda tmp: [[cc, *_FLAGS, "-o", str(tmp / "qmatmul.so"), str(_SRC), "-lm"]])
     lib = ctypes.CDLL(str(out))
     i64, vp, ci = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     for name in GGUF_KERNELS:

@@ -15,12 +15,9 @@ eager modules in ``tests/ops/test_qops.py``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -50,27 +47,20 @@ def _build() -> Path:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     libdirs = cpp_extension.library_paths()
-    cflags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=gnu11"]
+    cflags = [f for f in qmatmul._FLAGS if f != "-shared"]  # qmatmul.c as an object to link in
     cxxflags = ["-O3", "-march=native", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes]
     ldflags = ["-shared", "-fopenmp", *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs],
                "-lc10", "-ltorch_cpu", "-ltorch", "-lm"]
-    key_src = _SRC.read_bytes() + qmatmul._SRC.read_bytes()
-    key = hashlib.sha256(key_src + " ".join([cc, cxx, torch.__version__, *cflags, *cxxflags, qmatmul._cpu_id()])
-                         .encode()).hexdigest()[:16]
-    out = qmatmul._cache_dir() / f"qops-{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        obj, cpp_obj, so = Path(tmp) / "qmatmul.o", Path(tmp) / "qops.o", Path(tmp) / "qops.so"
-        for cmd in ([cc, *cflags, "-c", str(qmatmul._SRC), "-o", str(obj)],
-                    [cxx, *cxxflags, "-c", str(_SRC), "-o", str(cpp_obj)],
-                    [cxx, str(cpp_obj), str(obj), "-o", str(so), *ldflags]):
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode:
-                raise RuntimeError(f"building {_SRC.name} failed:\n{' '.join(cmd)}\n{r.stderr[-2000:]}")
-        os.replace(so, out)  # atomic: concurrent builders each build in their own temp dir
-    return out
+    key = (_SRC.read_bytes() + qmatmul._SRC.read_bytes()
+           + " ".join([cc, cxx, torch.__version__, *cflags, *cxxflags, qmatmul._cpu_id()]).encode())
+
+    def commands(tmp: Path) -> list[list[str]]:
+        obj, cpp_obj = str(tmp / "qmatmul.o"), str(tmp / "qops.o")
+        return [[cc, *cflags, "-c", str(qmatmul._SRC), "-o", obj],
+                [cxx, *cxxflags, "-c", str(_SRC), "-o", cpp_obj],
+                [cxx, cpp_obj, obj, "-o", str(tmp / "qops.so"), *ldflags]]
+
+    return qmatmul.build_cached("qops", key, commands)
 
 
 def _register_fakes() -> None:
