@@ -9,9 +9,10 @@ prefill chunk C tokens (N = B*C), e = bytes per element of the model dtype (kept
 Persistent (``../shared/reference/quantization-formats.md`` §7):
 
 * weights: ``sum over tensors`` of the format's bytes (``kimiq.quant.recipes.plan_bytes``); kept tensors in the
-  model dtype, the ``keep_fp32`` ones (A_log, dt_bias, router) in fp32.  On CPU, linears in q4_0 / q4_k /
-  affine4 (out a multiple of 64) also keep the repack torch's int4 kernel runs on (0.625 B per weight at g32),
-  made at first use; every other quantized linear dequantizes its whole weight per call (a workspace phase).
+  model dtype, the ``keep_fp32`` ones (A_log, dt_bias, router) in fp32.  On CPU, linears in q4_0 / affine4 (and
+  q4_k where the build has no int8-activation kernel for it, ``kimiq.quant.modules.int4_repacked``; out a
+  multiple of 64) also keep the repack torch's int4 kernel runs on (0.625 B per weight at g32), made at first use;
+  every other quantized linear dequantizes its whole weight per prefill call (a workspace phase).
   A quantized ``kv_b_proj`` is also kept dequantized in the model dtype once MLA's absorbed decode reads it.
 * KDA state per row (``model.new_state``): per KDA layer a recurrent state fp32 [H, K, K] plus three conv tap
   buffers [P, W-1] in the model dtype (P = H*K, W = short_conv_kernel_size).  Independent of S.
@@ -129,6 +130,7 @@ def weight_footprint(cfg: ModelConfig, recipe: str | None = None, *, dtype: str 
     None = the model dtype; ``formats``: an already-quantized checkpoint's ``quantization_config.formats``.
     Kept tensors are counted in ``dtype`` (default: the config's), ``keep_fp32`` ones in fp32."""
     from kimiq.model.model import keep_fp32
+    from kimiq.quant.modules import int4_repacked
     from kimiq.quant.recipes import KEEP, get_recipe, plan_bytes, tensor_specs
 
     dtype = str(dtype or cfg.dtype).removeprefix("torch.")
@@ -154,7 +156,7 @@ def weight_footprint(cfg: ModelConfig, recipe: str | None = None, *, dtype: str 
         if s.name.endswith("kv_b_proj.weight"):
             kv_b += N * K * e
         group = 32 if fmt in ("q4_0", "q4_k") else int(fmt.split("-g")[1]) if fmt.startswith("affine4-g") else 0
-        if group and N % 64 == 0:  # kimiq.quant.modules._int4_pack: uint8 [N, K/2] + bf16 [K/g, N, 2]
+        if group and N % 64 == 0 and int4_repacked(fmt):  # modules._int4_pack: uint8 [N, K/2] + bf16 [K/g, N, 2]
             repack += N * K // 2 + (K // group) * N * 4
         else:
             deq_cpu = max(deq_cpu, N * K)

@@ -29,7 +29,7 @@ import torch
 
 from kimiq.config import LAYER_KDA
 from kimiq.model.state import KDAState, MLAState
-from kimiq.ops import qops
+from kimiq.ops import qmatmul, qops
 from kimiq.quant import opaque
 
 __all__ = ["DecodeStep", "decode_step"]
@@ -81,8 +81,11 @@ class DecodeStep:
         # only while those are at most FREEZE_MAX_BYTES
         float_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.is_floating_point())
         self.frozen = compile and (float_bytes <= self.FREEZE_MAX_BYTES if freeze is None else freeze)
-        if opaque.register_all(model) and compile:  # quantized modules: handles for their custom ops, and
-            qops.available()  # the C++ operators built now, not while dynamo traces
+        quantized = opaque.register_all(model)  # quantized modules: handles for their custom ops
+        if compile and model.device.type == "cpu":  # kimiq's C++ operators (KDA step, quantized kernels) and the
+            qops.available()  # kernel library (kernel choices read it) built now, not while dynamo traces
+            if quantized:
+                qmatmul.available()
         for layer in model.model.layers:  # MLA decode reads kv_b_proj.weight: read once now, so that a quantized
             if layer.layer_type != LAYER_KDA:  # kv_b keeps its dequantized copy and the graph reads it as a buffer
                 layer.self_attn.kv_b_proj.weight  # noqa: B018 (instead of an opaque op copying it every step)

@@ -20,7 +20,7 @@ from torch import nn
 from kimiq.config import ModelConfig
 from kimiq.model.layers import GatedRMSNorm
 from kimiq.model.state import KDAState
-from kimiq.ops.kda import kda
+from kimiq.ops.kda import kda, kda_decode_
 
 __all__ = ["KimiDeltaAttention", "ShortConv"]
 
@@ -132,19 +132,22 @@ class KimiDeltaAttention(nn.Module):
         if valid is not None:
             g = g * valid[:, :, None, None]
             beta = beta * valid[:, :, None]
-        o, S = kda(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            scale=K**-0.5,
-            initial_state=state.recurrent if state is not None else None,
-            output_final_state=state is not None,
-            impl=self.impl,
-        )
-        if state is not None:
-            state.recurrent.copy_(S)
+        if state is not None and T == 1 and self.impl in ("torch", "compile"):  # decode: in place, fused on CPU
+            o = kda_decode_(state.recurrent, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], K**-0.5)[:, None]
+        else:
+            o, S = kda(
+                q,
+                k,
+                v,
+                g,
+                beta,
+                scale=K**-0.5,
+                initial_state=state.recurrent if state is not None else None,
+                output_final_state=state is not None,
+                impl=self.impl,
+            )
+            if state is not None:
+                state.recurrent.copy_(S)
         gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, K)
         y = self.o_norm(o.to(x.dtype), gate).reshape(B, T, H * K)
         return self.o_proj(y)

@@ -20,6 +20,8 @@ Recurrence per head (``kimi-linear-architecture.md`` §3.4)::
   any T (padded internally with neutral steps g=0, beta=0, k=0).
 * ``recurrent_kda`` — the decode form: the same loop without the per-step Python overhead
   that matters for T <= a few tokens.
+* ``kda_decode_`` — one token in place on the state: the fused C++ operator where loaded (CPU), else
+  ``recurrent_kda``.
 
 A step with beta=0 and g=0 leaves the state unchanged; the model uses this to skip padded
 positions of shorter rows in a batch.
@@ -35,7 +37,7 @@ import functools
 
 import torch
 
-__all__ = ["naive_recurrent_kda", "recurrent_kda", "chunk_kda", "kda", "IMPLS"]
+__all__ = ["naive_recurrent_kda", "recurrent_kda", "chunk_kda", "kda", "kda_decode_", "IMPLS"]
 
 IMPLS = ("torch", "compile", "naive", "fla")
 
@@ -169,6 +171,20 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
         outs.append(oc)
     o = torch.stack(outs, dim=2).reshape(B, H, n * C, V)[:, :, :T].transpose(1, 2)  # [B, T, H, V]
     return o.to(out_dtype), (S if output_final_state else None)
+
+
+def kda_decode_(S, q, k, v, g, beta, scale):
+    """One decode step in place: ``S`` [B, H, K, V] fp32 updated, q, k, g [B, H, K], v [B, H, V], beta [B, H];
+    returns o [B, H, V] in v's dtype.  On CPU with kimiq's C++ operators loaded (``kimiq.ops.qops``; never built
+    here) the fused ``kimiq_cpu::kda_step`` (two passes over each head's state, the second from cache; the
+    ``recurrent_kda`` graph reads and writes it four or five times), else ``recurrent_kda`` and a copy back."""
+    from kimiq.ops import qops
+
+    if S.device.type == "cpu" and qops.loaded():
+        return torch.ops.kimiq_cpu.kda_step(S, q, k, v, g, beta, scale).to(v.dtype)
+    o, S_new = recurrent_kda(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], scale, S, True)
+    S.copy_(S_new)
+    return o[:, 0]
 
 
 def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, *, impl="torch"):

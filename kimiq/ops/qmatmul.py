@@ -41,6 +41,7 @@ class _Lib:
     handle: ctypes.CDLL | None = None
     error: str | None = None
     tried = False
+    i8 = False  # the build quantizes activations to int8 (kq_i8_activations), read once: a plain bool, traceable
 
 
 def _cache_dir() -> Path:
@@ -104,6 +105,7 @@ def _lib() -> ctypes.CDLL | None:
         else:
             try:
                 _Lib.handle = _build()
+                _Lib.i8 = bool(_Lib.handle.kq_i8_activations())
             except (RuntimeError, OSError) as e:
                 _Lib.error = str(e)
                 warnings.warn(f"kimiq: fused quantized matmul kernels unavailable, using the reference path ({e})",
@@ -111,14 +113,16 @@ def _lib() -> ctypes.CDLL | None:
     return _Lib.handle
 
 
-I8_FORMATS = ("q8_0", "q4_0", "mxfp4")  # formats whose kernels can quantize activations to int8 (csrc/qmatmul.c)
+I8_BLOCKS = {"q8_0": 32, "q4_0": 32, "mxfp4": 32, "q4_k": 256, "q6_k": 256}  # csrc/qmatmul.c: activation block
 
 
-def int8_activations(fmt: str) -> bool:
-    """True when ``fmt``'s kernel quantizes the activations to int8 per 32 values and multiplies with int8 dot
-    products (AVX512-VNNI builds; llama.cpp does the same for these formats): ~2x faster, with an error per output
-    of at most sum_i |w_i| * max|x| over i's block / 254."""
-    return fmt in I8_FORMATS and _lib() is not None and bool(_Lib.handle.kq_i8_activations())
+def int8_activations(fmt: str) -> int:
+    """The block size (32, or 256 for Q4_K / Q6_K as llama.cpp's Q8_K) over which ``fmt``'s kernel quantizes the
+    activations to int8 and multiplies with int8 dot products (AVX512-VNNI builds; llama.cpp does the same for these
+    formats), else 0.  2-3x faster, with an error per output of at most sum_i |w_i| * max|x| over i's block / 254."""
+    if fmt not in I8_BLOCKS or _lib() is None or not _Lib.i8:
+        return 0
+    return I8_BLOCKS[fmt]
 
 
 def available() -> bool:
@@ -146,29 +150,33 @@ def _ptr(t: torch.Tensor, index: int | None) -> int:
 
 
 def qmatmul(fmt: str, prepared: dict[str, torch.Tensor], x2: torch.Tensor, out_features: int,
-            index: int | None = None) -> torch.Tensor | None:
+            index: int | None = None, rows_unlimited: bool = False) -> torch.Tensor | None:
     """``x2 [M, K] @ W^T -> [M, out_features]`` in x2's dtype, W given by ``prepare``'s tensors (``index``:
     which expert of a stacked ``[E, ...]`` set).  None when the kernel cannot run (no library, device,
-    dtype, too many rows): the caller then takes the reference path."""
+    dtype, more than MAX_ROWS rows unless ``rows_unlimited``: then in calls of MAX_ROWS): the caller then takes
+    the reference path."""
     M, K = x2.shape
-    if (M > MAX_ROWS or x2.device.type != "cpu" or x2.dtype not in (torch.float32, torch.bfloat16)
-            or _lib() is None):
+    if (M > MAX_ROWS and not rows_unlimited) or x2.device.type != "cpu" or x2.dtype not in (
+            torch.float32, torch.bfloat16) or _lib() is None:
         return None
     lib = _Lib.handle
     x2 = x2.contiguous()
     y = torch.empty(M, out_features, dtype=x2.dtype)
     bf16, nt = int(x2.dtype == torch.bfloat16), torch.get_num_threads()
     w = _ptr(prepared["weight"], index)
-    if fmt in GGUF_KERNELS:
-        rc = getattr(lib, f"kq_{fmt}")(w, out_features, K, x2.data_ptr(), M, y.data_ptr(), bf16, nt)
-    elif fmt == "mxfp4-mlx":
-        rc = lib.kq_mxfp4_mlx(w, _ptr(prepared["scales"], index), out_features, K, x2.data_ptr(), M, y.data_ptr(),
-                              bf16, nt)
-    else:  # affine{bits}-g{group}
-        bits, group = int(fmt[6]), int(fmt.split("-g")[1])
-        rc = lib.kq_affine(w, _ptr(prepared["scales"], index), _ptr(prepared["biases"], index), bits, group,
-                           out_features, K, x2.data_ptr(), M, y.data_ptr(), bf16, nt)
-    return y if rc == 0 else None
+    for m0 in range(0, M, MAX_ROWS):  # the kernels take MAX_ROWS rows a call
+        m, xp, yp = min(MAX_ROWS, M - m0), x2[m0].data_ptr(), y[m0].data_ptr()
+        if fmt in GGUF_KERNELS:
+            rc = getattr(lib, f"kq_{fmt}")(w, out_features, K, xp, m, yp, bf16, nt)
+        elif fmt == "mxfp4-mlx":
+            rc = lib.kq_mxfp4_mlx(w, _ptr(prepared["scales"], index), out_features, K, xp, m, yp, bf16, nt)
+        else:  # affine{bits}-g{group}
+            bits, group = int(fmt[6]), int(fmt.split("-g")[1])
+            rc = lib.kq_affine(w, _ptr(prepared["scales"], index), _ptr(prepared["biases"], index), bits, group,
+                               out_features, K, xp, m, yp, bf16, nt)
+        if rc:
+            return None
+    return y
 
 
 def dequantize(fmt: str, prepared: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype,

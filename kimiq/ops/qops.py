@@ -29,6 +29,7 @@ __all__ = ["available", "loaded", "FORMAT_ID"]
 
 FORMAT_ID = {name: i for i, name in enumerate(qmatmul.GGUF_KERNELS)}  # the order of qops.cpp's tables
 _SRC = Path(__file__).parent / "csrc" / "qops.cpp"
+_KDA_SRC = Path(__file__).parent / "csrc" / "kda_step.cpp"
 
 
 class _State:
@@ -51,14 +52,14 @@ def _build() -> Path:
     cxxflags = ["-O3", "-march=native", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes]
     ldflags = ["-shared", "-fopenmp", *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs],
                "-lc10", "-ltorch_cpu", "-ltorch", "-lm"]
-    key = (_SRC.read_bytes() + qmatmul._SRC.read_bytes()
+    key = (_SRC.read_bytes() + _KDA_SRC.read_bytes() + qmatmul._SRC.read_bytes()
            + " ".join([cc, cxx, torch.__version__, *cflags, *cxxflags, qmatmul._cpu_id()]).encode())
 
     def commands(tmp: Path) -> list[list[str]]:
-        obj, cpp_obj = str(tmp / "qmatmul.o"), str(tmp / "qops.o")
+        obj, cpp_objs = str(tmp / "qmatmul.o"), [str(tmp / f"{src.stem}.o") for src in (_SRC, _KDA_SRC)]
         return [[cc, *cflags, "-c", str(qmatmul._SRC), "-o", obj],
-                [cxx, *cxxflags, "-c", str(_SRC), "-o", cpp_obj],
-                [cxx, cpp_obj, obj, "-o", str(tmp / "qops.so"), *ldflags]]
+                *[[cxx, *cxxflags, "-c", str(src), "-o", o] for src, o in zip((_SRC, _KDA_SRC), cpp_objs)],
+                [cxx, *cpp_objs, obj, "-o", str(tmp / "qops.so"), *ldflags]]
 
     return qmatmul.build_cached("qops", key, commands)
 
@@ -75,6 +76,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("kimiq_cpu::qrows")
     def _(w, ids, fmt, D, bf16):
         return w.new_empty(*ids.shape, D, dtype=torch.bfloat16 if bf16 else torch.float32)
+
+    @torch.library.register_fake("kimiq_cpu::kda_step")
+    def _(S, q, k, v, g, beta, scale):
+        return S.new_empty(v.shape)
 
 
 def available() -> bool:

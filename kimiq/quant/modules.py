@@ -8,10 +8,9 @@
 
 Packed parts are buffers named ``<prefix>_<suffix>`` (``q_weight``, ``q_scales``; ``w1_weight`` ... for
 experts) so ``state_dict`` round-trips.  Forward passes are the *reference* path (dequantize, then
-matmul in the input dtype) except on CPU: torch's packed int4 kernel for 4-bit affine-form formats
-(q4_0, q4_k, affine4; the fastest there), and for every other GGUF / mlx format, with up to
-``kimiq.ops.qmatmul.MAX_ROWS`` activation rows (decode), kimiq's fused dequantize-matmul kernels
-reading the stored blocks.  ``quantize(model, recipe)``
+matmul in the input dtype) except on CPU, where ``_cpu_path`` picks by format and row count among kimiq's fused
+dequantize-matmul kernels reading the stored blocks (decode), torch's packed int4 kernel (4-bit affine-form
+formats without an int8-activation kernel) and C dequantization + dense GEMM (prefill).  ``quantize(model, recipe)``
 quantizes an in-memory model with exactly the bytes ``kimiq quantize`` writes; tensors inside other
 modules (the router gate) are replaced by their dequantized values, which is what a quantized router
 computes.  ``checkpoint_tensor(model, name)`` reads any checkpoint tensor back as float32.
@@ -49,10 +48,11 @@ class _Packed(nn.Module):
 
 
 class QuantLinear(_Packed):
-    """``use_fast``: on CPU, 4-bit affine-form formats (q4_0, q4_k, affine4-g*) run torch's packed int4
-    kernel (``_weight_int4pack_mm_for_cpu``) on a repack of the codes made at first use; the other
-    formats run ``kimiq.ops.qmatmul`` on the stored blocks when x has few rows; the rest, and
-    ``use_fast = False``, run the reference dequantize-then-matmul."""
+    """``use_fast``: on CPU, the kernel ``_cpu_path`` picks: kimiq's fused kernels on the stored blocks
+    (``kimiq.ops.qmatmul``) for few rows, torch's packed int4 kernel (``_weight_int4pack_mm_for_cpu``, on a repack
+    made at first use) for 4-bit affine-form formats without an int8-activation kernel (q4_0, affine4-g*; q4_k
+    on builds without VNNI), C dequantization + dense GEMM for prefill; elsewhere, and with ``use_fast = False``,
+    the reference dequantize-then-matmul."""
 
     def __init__(self, fmt: str | Format, in_features: int, out_features: int, parts: Parts,
                  dtype: torch.dtype = torch.float32):
@@ -94,19 +94,22 @@ class QuantLinear(_Packed):
 
     def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_fast and _int4_ok(x):
-            if _dense_rows(x.numel() // self.in_features, self.fmt.name):  # prefill: C dequantization, dense GEMM
+            path = _cpu_path(x.numel() // self.in_features, self.fmt.name, x.dtype)
+            if path == "dense":  # prefill: C dequantization, dense GEMM
                 w = self._fast_dequantized(x.dtype)
                 if w is not None:
                     return F.linear(x, w)
-            if self._int4 is None:
-                self._int4 = _int4_pack(self.fmt.name, self._parts("q"), self.in_features) or False
-            if self._int4:
-                y = _int4_mm(x.reshape(-1, self.in_features), self._int4)
-                return y.view(*x.shape[:-1], self.out_features)
+            if path == "int4":
+                if self._int4 is None:
+                    self._int4 = _int4_pack(self.fmt.name, self._parts("q"), self.in_features) or False
+                if self._int4:
+                    y = _int4_mm(x.reshape(-1, self.in_features), self._int4)
+                    return y.view(*x.shape[:-1], self.out_features)
             if self._fused is None:
                 self._fused = qmatmul.prepare(self.fmt.name, self._parts("q")) or False
             if self._fused:
-                y = qmatmul.qmatmul(self.fmt.name, self._fused, x.reshape(-1, self.in_features), self.out_features)
+                y = qmatmul.qmatmul(self.fmt.name, self._fused, x.reshape(-1, self.in_features), self.out_features,
+                                    rows_unlimited=path == "fused")
                 if y is not None:
                     return y.view(*x.shape[:-1], self.out_features)
         w = self.fmt.dequantize(self._parts("q"), (self.out_features, self.in_features), x.dtype)
@@ -123,11 +126,29 @@ class QuantLinear(_Packed):
         return f"{self.in_features}, {self.out_features}, format={self.fmt.name}"
 
 
-def _dense_rows(rows: int, fmt: str) -> bool:
-    """Whether ``rows`` activation rows go to C dequantization + dense GEMM: from GEMM_ROWS on for formats that
-    torch's int4 kernel takes (faster than dequantizing below that), above the fused kernels' MAX_ROWS otherwise
-    (the alternative there is the far slower torch reference dequantization)."""
-    return rows >= qmatmul.GEMM_ROWS if _int4_format(fmt) else rows > qmatmul.MAX_ROWS
+def _cpu_path(rows: int, fmt: str, dtype: torch.dtype) -> str:
+    """The CPU kernel for ``rows`` activation rows times a ``fmt`` weight, as measured on a 2-core AVX-512 EPYC
+    (2304x1024 and 256x256 weights, 1 and 2 threads):
+
+    * "fused": kimiq's dequantize-matmul kernels on the stored blocks (``qmatmul``), up to MAX_ROWS rows; with no
+      row limit for formats whose kernel quantizes activations to int8 per 256 (Q4_K / Q6_K on VNNI builds) in
+      fp32, where a dense fp32 GEMM stays ~3x slower even at 128 rows.  Q4_K there beats torch's int4 kernel at
+      every row count (1 row, 2304x1024: 38 vs 65 µs, 4 rows: 81 vs 115) and needs no repack.
+    * "int4": torch's int4 kernel on a repack made at first use (4-bit affine-form formats otherwise), below
+      GEMM_ROWS rows;
+    * "dense": C dequantization, then a dense GEMM (prefill): above MAX_ROWS (from GEMM_ROWS for "int4")."""
+    k8 = qmatmul.int8_activations(fmt) == 256
+    if _int4_format(fmt) and not k8:
+        return "int4" if rows < qmatmul.GEMM_ROWS else "dense"
+    if rows <= qmatmul.MAX_ROWS or (k8 and dtype == torch.float32):
+        return "fused"
+    return "dense"
+
+
+def int4_repacked(fmt: str) -> bool:
+    """Whether CPU decode of a ``fmt`` linear runs torch's int4 kernel, on a repack kept beside the stored weight
+    (for ``kimiq plan``): 4-bit affine-form formats without an int8-activation kernel on this machine."""
+    return _cpu_path(1, fmt, torch.bfloat16) == "int4"
 
 
 def _int4_format(fmt: str) -> bool:
@@ -228,18 +249,20 @@ class QuantExperts(_Packed):
         if self.use_fast and _int4_ok(x):
             if proj not in self._fused:
                 self._fused[proj] = qmatmul.prepare(self.fmts[proj].name, self._parts(proj)) or False
-            if _dense_rows(x.shape[0], self.fmts[proj].name) and self._fused[proj]:  # prefill: C dequant, GEMM
+            path = _cpu_path(x.shape[0], self.fmts[proj].name, x.dtype)
+            if path == "dense" and self._fused[proj]:  # prefill: C dequant, GEMM
                 w = qmatmul.dequantize(self.fmts[proj].name, self._fused[proj], self.shapes[proj], x.dtype, index=e)
                 if w is not None:
                     return x @ w.t()
             key = (proj, e)
-            if key not in self._int4:
+            if path == "int4" and key not in self._int4:
                 parts = {k: v[e] for k, v in self._parts(proj).items()}
                 self._int4[key] = _int4_pack(self.fmts[proj].name, parts, self.shapes[proj][1]) or False
-            if self._int4[key]:
+            if path == "int4" and self._int4[key]:
                 return _int4_mm(x, self._int4[key])
             if self._fused[proj]:
-                y = qmatmul.qmatmul(self.fmts[proj].name, self._fused[proj], x, self.shapes[proj][0], index=e)
+                y = qmatmul.qmatmul(self.fmts[proj].name, self._fused[proj], x, self.shapes[proj][0], index=e,
+                                    rows_unlimited=path == "fused")
                 if y is not None:
                     return y
         return x @ self.expert_weight(proj, e, x.dtype).t()
@@ -257,11 +280,12 @@ class QuantExperts(_Packed):
     INT4_MIN_WEIGHTS = 1 << 20
 
     def _int4_wins(self) -> bool:
-        """Large 4-bit experts run faster through torch's int4 kernel, one Python-level call per expert (48B width,
-        2304x1024 Q4_K: 64 µs vs 108 µs in kimiq's C kernel), than through the one C++ call per layer; small ones
-        the other way round (default model, 256x256: the ~15 µs of a Python call exceed either kernel)."""
+        """Large experts whose decode runs torch's int4 kernel (``_cpu_path``: 4-bit affine-form formats without an
+        int8-activation kernel) run faster through it, one Python-level call per expert (48B width, 2304x1024 Q4_0:
+        64 µs vs 96 µs in kimiq's C kernel), than through the one C++ call per layer; small ones the other way round
+        (default model, 256x256: the ~15 µs of a Python call exceed either kernel)."""
         n, k = self.shapes["w1"]
-        return n * k >= self.INT4_MIN_WEIGHTS and all(_int4_format(f.name) for f in self.fmts.values())
+        return n * k >= self.INT4_MIN_WEIGHTS and all(int4_repacked(f.name) for f in self.fmts.values())
 
     def eager_forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         def expert(e: int, xe: torch.Tensor) -> torch.Tensor:

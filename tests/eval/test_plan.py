@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kimiq import default_model_path
+from kimiq.quant.modules import int4_repacked
 from kimiq.cli import main
 from kimiq.config import KIMI_LINEAR_48B_HF, ModelConfig
 from kimiq.eval.plan import (
@@ -109,8 +110,10 @@ def test_quantized_checkpoint_formats(default_cfg):
 
 
 def test_cpu_int4_repack_and_dequant_phase(default_cfg):
-    w = weight_footprint(default_cfg, "q4_k_m", dtype="float32")
-    assert w.int4_repack > 0 and w.max_dequant >= w.max_dequant_cpu > 0  # q6_k lm_head: reference path on CPU
+    w = weight_footprint(default_cfg, "affine4-g64", dtype="float32")
+    assert w.int4_repack > 0 and w.max_dequant >= w.max_dequant_cpu > 0  # affine4 linears whose out % 64 != 0
+    q4k = weight_footprint(default_cfg, "q4_k_m", dtype="float32")  # Q4_K: repacked only where no int8 kernel
+    assert (q4k.int4_repack > 0) == int4_repacked("q4_k")
     cpu = Planner(default_cfg, w, "float32", DEVICES["cpu"]).plan(1024)
     cuda = Planner(default_cfg, w, "float32", DEVICES["cuda"]).plan(1024)
     assert cpu.int4_repack == w.int4_repack and cuda.int4_repack == 0

@@ -36,10 +36,10 @@ def _weights(fmt: str, N: int, K: int, seed: int):
 
 def _assert_close(fmt: str, y: torch.Tensor, ref: torch.Tensor, w: torch.Tensor, x: torch.Tensor, tol: float):
     """|y - ref| within ``tol`` x max|ref|; kernels that quantize activations to int8 (qmatmul.int8_activations)
-    may add up to sum_i |w_i| * max|x| over i's 32-block / 254 per output, and no more."""
+    may add up to sum_i |w_i| * max|x| over i's block (32 or 256 values) / 254 per output, and no more."""
     slack = tol * ref.abs().max()
-    if qmatmul.int8_activations(fmt):
-        amax = x.float().abs().view(x.shape[0], -1, 32).amax(-1).repeat_interleave(32, dim=-1)  # [M, K]
+    if blk := qmatmul.int8_activations(fmt):
+        amax = x.float().abs().view(x.shape[0], -1, blk).amax(-1).repeat_interleave(blk, dim=-1)  # [M, K]
         slack = slack + 1.0001 * (amax @ w.abs().t()) / 254
     err = (y.float() - ref).abs() - slack
     assert float(err.max()) <= 0, (fmt, float(err.max()))
@@ -58,18 +58,21 @@ def test_matches_reference(fmt, dtype):
         _assert_close(fmt, y, x.float() @ w_ref.t(), w_ref, x, TOL[dtype])
 
 
-def test_int8_activations_are_what_llama_cpp_does_and_no_more():
-    """Where the build has VNNI, Q8_0 / Q4_0 / MXFP4 decode quantizes x to int8 per 32 values: the result equals
-    the exact product with x replaced by its int8 rounding (dx = max|x| / 127), up to fp32 summation order."""
-    if not qmatmul.int8_activations("q8_0"):
+@pytest.mark.parametrize("fmt", sorted(qmatmul.I8_BLOCKS))
+def test_int8_activations_are_what_llama_cpp_does_and_no_more(fmt):
+    """Where the build has VNNI, Q8_0 / Q4_0 / MXFP4 decode quantizes x to int8 per 32 values, Q4_K / Q6_K per 256
+    (llama.cpp's Q8_K): the result equals the exact product with x replaced by its int8 rounding (dx = max|x| / 127
+    per block), up to fp32 summation order."""
+    blk = qmatmul.int8_activations(fmt)
+    if not blk:
         pytest.skip("this build keeps fp32 activations (no AVX512-VNNI)")
-    N, K = 64, 256
-    parts, w_ref = _weights("q8_0", N, K, 1)
-    x = torch.randn(1, K)
-    xb = x.view(1, -1, 32)
+    N, K, M = 64, 512, 3
+    parts, w_ref = _weights(fmt, N, K, 1)
+    x = torch.randn(M, K)
+    xb = x.view(M, -1, blk)
     dx = xb.abs().amax(-1, keepdim=True) / 127
-    xq = (torch.round(xb / dx) * dx).view(1, K)  # round half to even, as lrintf
-    y = qmatmul.qmatmul("q8_0", qmatmul.prepare("q8_0", parts), x, N)
+    xq = (torch.round(xb / dx) * dx).view(M, K)  # round half to even, as the kernels' conversion
+    y = qmatmul.qmatmul(fmt, qmatmul.prepare(fmt, parts), x, N)
     torch.testing.assert_close(y, xq @ w_ref.t(), rtol=0, atol=2e-5 * float(y.abs().max()))
 
 
@@ -126,11 +129,29 @@ def test_dequantize_matches_reference(fmt, dtype):
     assert qmatmul.dequantize("affine4-g64", stacked, (N, K), dtype) is None  # no C decoder: reference path
 
 
-def test_prefill_sized_inputs_take_the_dense_gemm():
+def test_prefill_sized_inputs_take_the_dense_gemm(monkeypatch):
     N, K = 96, 256
     parts, w_ref = _weights("q4_k", N, K, 0)
     lin = QuantLinear("q4_k", K, N, parts)
-    x = torch.randn(qmatmul.GEMM_ROWS, K)
+    x = torch.randn(qmatmul.GEMM_ROWS, K).bfloat16()
+
+    def no_fused(*a, **k):
+        raise AssertionError("the fused kernel ran")
+
+    monkeypatch.setattr(qmatmul, "qmatmul", no_fused)
     y = lin(x)
     assert lin._int4 is None  # not the int4 repack: the C-dequantized matrix and F.linear
-    torch.testing.assert_close(y, x @ w_ref.t(), rtol=0, atol=1e-4 * float(y.abs().max()))
+    torch.testing.assert_close(y.float(), x.float() @ w_ref.t(), rtol=0, atol=1e-2 * float(y.abs().max()))
+
+
+def test_cpu_path_by_format_rows_and_dtype():
+    """The kernel choice in modules._cpu_path (measured crossovers; see its docstring)."""
+    from kimiq.quant.modules import _cpu_path
+
+    bf, f32, k8 = torch.bfloat16, torch.float32, qmatmul.int8_activations("q4_k") == 256
+    assert _cpu_path(1, "q6_k", bf) == _cpu_path(qmatmul.MAX_ROWS, "q8_0", f32) == "fused"
+    assert _cpu_path(qmatmul.MAX_ROWS + 1, "q8_0", f32) == _cpu_path(qmatmul.GEMM_ROWS, "q4_0", bf) == "dense"
+    assert _cpu_path(1, "q4_0", bf) == _cpu_path(1, "affine4-g64", f32) == "int4"
+    assert _cpu_path(1, "q4_k", bf) == ("fused" if k8 else "int4")  # Q4_K's VNNI kernel beats torch's int4 one
+    assert _cpu_path(512, "q4_k", f32) == ("fused" if k8 else "dense")  # the fp32 GEMM is the slower one
+    assert _cpu_path(512, "q4_k", bf) == "dense"

@@ -91,3 +91,24 @@ def test_bad_input_is_refused_with_a_reason():
         torch.ops.kimiq_cpu.qlinear(torch.randn(1, 64).half(), lin.q_weight, 0, 8)
     with pytest.raises(RuntimeError, match="out of range"):
         torch.ops.kimiq_cpu.qrows(lin.q_weight, torch.tensor([8]), 0, 64, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kda_step_is_the_recurrence_in_place(dtype, monkeypatch):
+    """kimiq_cpu::kda_step (through kda_decode_) == the naive per-token recurrence, and so is kda_decode_'s fallback
+    (recurrent_kda) when the operators are not loaded; the state is updated in place, fp32."""
+    from kimiq.ops.kda import kda_decode_, naive_recurrent_kda
+    from tests.ops.test_kda import make_inputs
+
+    assert qops.available()
+    q, k, v, g, beta, S0 = make_inputs(3, 1, 4, 128, 64, seed=5)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    o_ref, S_ref = naive_recurrent_kda(q, k, v, g, beta, 128**-0.5, S0, True)
+    for loaded in (True, False):
+        monkeypatch.setattr(qops._State, "loaded", loaded)
+        S = S0.clone()
+        o = kda_decode_(S, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], 128**-0.5)
+        assert o.dtype == dtype and S.dtype == torch.float32
+        torch.testing.assert_close(S, S_ref, rtol=1e-5, atol=1e-5)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(o.float(), o_ref[:, 0].float(), rtol=tol, atol=tol)

@@ -359,14 +359,15 @@ static inline void y_store(void *Y, int64_t idx, float v, int bf16) {
     X(q8_0, 32, 34, 32, dec_q8_0, 0)                                                                      \
     X(q4_0, 32, 18, 32, dec_q4_0, 0)                                                                      \
     X(mxfp4, 32, 17, 32, dec_mxfp4, 0)
+#define GGUF_K8_FORMATS(X)                                                                                \
+    X(q4_k, QK_K, 144, 32, dec_q4_k, 1)                                                                   \
+    X(q6_k, QK_K, 210, 16, dec_q6_k, 0)
 #define GGUF_OTHER_FORMATS(X)                                                                             \
     X(q5_0, 32, 22, 32, dec_q5_0, 0)                                                                      \
     X(q5_1, 32, 24, 32, dec_q5_1, 1)                                                                      \
     X(q2_k, QK_K, 84, 16, dec_q2_k, 1)                                                                    \
     X(q3_k, QK_K, 110, 16, dec_q3_k, 0)                                                                   \
-    X(q4_k, QK_K, 144, 32, dec_q4_k, 1)                                                                   \
-    X(q5_k, QK_K, 176, 32, dec_q5_k, 1)                                                                   \
-    X(q6_k, QK_K, 210, 16, dec_q6_k, 0)
+    X(q5_k, QK_K, 176, 32, dec_q5_k, 1)
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
 /* Formats of 32-weight blocks with one scale and no min (Q8_0, Q4_0, MXFP4): as llama.cpp, the activations
@@ -374,14 +375,17 @@ static inline void y_store(void *Y, int64_t idx, float v, int bf16) {
  * product (AVX512-VNNI), w . x = sc * dx * sum(q * xq): ~2x the fp32 path, with the activation rounding llama.cpp
  * has (|error| <= sum |w| * max|x_block| / 254 per output). */
 #define KQ_I8_ACTIVATIONS 1
-static void x_q8(const float *x, int64_t n, int8_t *xq, float *dx) {
+static void x_q8(const float *x, int64_t n, int8_t *xq, float *dx) {  /* vectorized: cvtps rounds to nearest even,
+                                                                        as lrintf in the default rounding mode */
+    const __m512 sign = _mm512_set1_ps(-0.f);
     for (int64_t b = 0; b < n / 32; b++) {
-        const float *xb = x + b * 32;
-        float amax = 0.f;
-        for (int l = 0; l < 32; l++) amax = fmaxf(amax, fabsf(xb[l]));
-        const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-        dx[b] = d;
-        for (int l = 0; l < 32; l++) xq[b * 32 + l] = (int8_t)lrintf(xb[l] * id);
+        const __m512 v0 = _mm512_loadu_ps(x + b * 32), v1 = _mm512_loadu_ps(x + b * 32 + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, v0), _mm512_andnot_ps(sign, v1)));
+        const __m512 id = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        dx[b] = amax / 127.f;
+        _mm_storeu_si128((__m128i *)(xq + b * 32), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, id))));
+        _mm_storeu_si128((__m128i *)(xq + b * 32 + 16),
+                         _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, id))));
     }
 }
 
@@ -465,13 +469,184 @@ static inline __m256i reg_mxfp4(const uint8_t *b, float *d) {
     }
 
 GGUF_I8_FORMATS(GGUF_GEMM_I8)
+
+/* Q4_K and Q6_K, as llama.cpp (its Q8_K): the activations quantized to int8 per 256 values (one scale dx =
+ * max|x| / 127, and the sum of every 16 int8 values for the mins / offsets), the integer sub-block scales applied in
+ * int32 (vpmaddubsw: 4- or 6-bit codes x int8 activations -> int16 pairs; vpdpwssd: x scale, summed into int32), one
+ * float multiply per 256 weights.  |error| <= sum |w| * max|x| over the 256-block / 254 per output. */
+static void x_q8k(const float *x, int64_t n, int8_t *xq, float *dx, int16_t *bs) {
+    const __m512 sign = _mm512_set1_ps(-0.f);
+    for (int64_t b = 0; b < n / QK_K; b++) {
+        const float *xb = x + b * QK_K;
+        __m512 m = _mm512_setzero_ps();
+        for (int l = 0; l < QK_K; l += 16) m = _mm512_max_ps(m, _mm512_andnot_ps(sign, _mm512_loadu_ps(xb + l)));
+        const float amax = _mm512_reduce_max_ps(m);
+        const __m512 id = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        dx[b] = amax / 127.f;
+        for (int g = 0; g < QK_K / 16; g++) {
+            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + 16 * g), id));
+            _mm_storeu_si128((__m128i *)(xq + b * QK_K + 16 * g), _mm512_cvtsepi32_epi8(q));
+            bs[b * (QK_K / 16) + g] = (int16_t)_mm512_reduce_add_epi32(q);
+        }
+    }
+}
+
+/* vpermw indices spreading sub-block scales over the int16 products of one 64-code register:
+ * K4_IDX[c]: 32-code sub-blocks 2c, 2c+1 (16 words each); K6_IDX[g]: 16-code sub-blocks 4g..4g+3 (8 words each) */
+static const uint16_t K4_IDX[4][32] __attribute__((aligned(64))) = {
+#define R16(v) v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v
+    {R16(0), R16(1)}, {R16(2), R16(3)}, {R16(4), R16(5)}, {R16(6), R16(7)}};
+#undef R16
+static const uint16_t K6_IDX[4][32] __attribute__((aligned(64))) = {
+#define R8(v) v, v, v, v, v, v, v, v
+    {R8(0), R8(1), R8(2), R8(3)}, {R8(4), R8(5), R8(6), R8(7)}, {R8(8), R8(9), R8(10), R8(11)},
+    {R8(12), R8(13), R8(14), R8(15)}};
+#undef R8
+
+static inline float hsum128(__m128 h) {
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+/* One weight row . MR (1..4, a constant after inlining) Q8_K activation rows, out[r]: each 256-weight block is
+ * decoded into registers once and used for all MR rows (accumulators stay in registers). */
+#define KROWS static inline __attribute__((always_inline)) void
+
+/* Q4_K: w = d * sc_j * q - dmin * m_j (q 0..15; 6-bit sc_j, m_j per 32 weights) */
+KROWS rows_q4_k(const uint8_t *row, int64_t nb, const int8_t *xq, const float *dx, const int16_t *bs, int64_t K,
+                const int MR, float *out) {
+    const __m512i m4 = _mm512_set1_epi8(15);
+    __m512 acc[4];
+    __m128 accm[4];
+    for (int r = 0; r < MR; r++) acc[r] = _mm512_setzero_ps(), accm[r] = _mm_setzero_ps();
+    for (int64_t ib = 0; ib < nb; ib++) {
+        const uint8_t *b = row + ib * 144;
+        uint32_t a, c, e;  /* 12 bytes of 6-bit scales and mins (scale_min_k4), unpacked 4 at a time */
+        memcpy(&a, b + 4, 4);
+        memcpy(&c, b + 8, 4);
+        memcpy(&e, b + 12, 4);
+        const uint64_t sc = (a & 0x3f3f3f3fu) | (uint64_t)((e & 0x0f0f0f0fu) | (((a >> 6) & 0x03030303u) << 4)) << 32;
+        const uint64_t mn = (c & 0x3f3f3f3fu) | (uint64_t)(((e >> 4) & 0x0f0f0f0fu) | (((c >> 6) & 0x03030303u) << 4))
+                                                   << 32;
+        const __m512i scw = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc)));
+        const __m128i m16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mn));
+        const __m128i mlo = _mm_unpacklo_epi16(m16, m16), mhi = _mm_unpackhi_epi16(m16, m16);  /* per 16 values */
+        __m512i q[4], s[4];
+        for (int k = 0; k < 4; k++) {  /* 32 bytes: sub-block 2k in the low nibbles, 2k+1 in the high */
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * k));
+            q[k] = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1), m4);
+            s[k] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)K4_IDX[k]), scw);
+        }
+        const float d = f16_to_f32(b), dmin = f16_to_f32(b + 2);
+        for (int r = 0; r < MR; r++) {
+            const int8_t *xb = xq + r * K + ib * QK_K;
+            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+            for (int k = 0; k < 4; k += 2) {
+                s0 = _mm512_dpwssd_epi32(s0, _mm512_maddubs_epi16(q[k], _mm512_loadu_si512((const void *)(xb + 64 * k))),
+                                         s[k]);
+                s1 = _mm512_dpwssd_epi32(
+                    s1, _mm512_maddubs_epi16(q[k + 1], _mm512_loadu_si512((const void *)(xb + 64 * k + 64))), s[k + 1]);
+            }
+            const float xd = dx[r * nb + ib];
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_set1_ps(d * xd), acc[r]);
+            const int16_t *bb = bs + (r * nb + ib) * 16;  /* mins . sums of each 32 activations */
+            const __m128i pm = _mm_add_epi32(_mm_madd_epi16(mlo, _mm_loadu_si128((const __m128i *)bb)),
+                                             _mm_madd_epi16(mhi, _mm_loadu_si128((const __m128i *)(bb + 8))));
+            accm[r] = _mm_fmadd_ps(_mm_cvtepi32_ps(pm), _mm_set1_ps(dmin * xd), accm[r]);
+        }
+    }
+    for (int r = 0; r < MR; r++) out[r] = _mm512_reduce_add_ps(acc[r]) - hsum128(accm[r]);
+}
+
+/* Q6_K: w = d * sc_j * (q - 32) (q 0..63; int8 sc_j per 16 weights) */
+KROWS rows_q6_k(const uint8_t *row, int64_t nb, const int8_t *xq, const float *dx, const int16_t *bs, int64_t K,
+                const int MR, float *out) {
+    const __m512i m4 = _mm512_set1_epi8(15), m30 = _mm512_set1_epi8(0x30);
+    __m512 acc[4];
+    for (int r = 0; r < MR; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t ib = 0; ib < nb; ib++) {
+        const uint8_t *b = row + ib * 210;
+        const __m256i sc = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
+        const __m512i scw = _mm512_castsi256_si512(sc);
+        __m512i q[4], s[4];
+        for (int h = 0; h < 2; h++) {  /* elements 128h + 32r + l: low 4 bits from ql[64h + 32(r&1) + l] (low nibble
+                                          for r < 2), high 2 bits from qh[32h + l] >> 2r */
+            const __m512i L = _mm512_loadu_si512((const void *)(b + 64 * h));
+            const __m256i H = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+            const __m512i Hz = _mm512_inserti64x4(_mm512_castsi256_si512(H), _mm256_srli_epi16(H, 2), 1);
+            q[2 * h] = _mm512_or_si512(_mm512_and_si512(L, m4), _mm512_and_si512(_mm512_slli_epi16(Hz, 4), m30));
+            q[2 * h + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(L, 4), m4), _mm512_and_si512(Hz, m30));
+            s[2 * h] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)K6_IDX[2 * h]), scw);
+            s[2 * h + 1] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)K6_IDX[2 * h + 1]), scw);
+        }
+        const float d = f16_to_f32(b + 208);
+        for (int r = 0; r < MR; r++) {
+            const int8_t *xb = xq + r * K + ib * QK_K;
+            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+            for (int k = 0; k < 4; k += 2) {
+                s0 = _mm512_dpwssd_epi32(s0, _mm512_maddubs_epi16(q[k], _mm512_loadu_si512((const void *)(xb + 64 * k))),
+                                         s[k]);
+                s1 = _mm512_dpwssd_epi32(
+                    s1, _mm512_maddubs_epi16(q[k + 1], _mm512_loadu_si512((const void *)(xb + 64 * k + 64))), s[k + 1]);
+            }
+            /* - 32 * sum_j sc_j * (sum of the activations of sub-block j) */
+            const __m256i off = _mm256_madd_epi16(sc, _mm256_loadu_si256((const __m256i *)(bs + (r * nb + ib) * 16)));
+            const __m512i t = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_zextsi256_si512(_mm256_slli_epi32(off, 5)));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(d * dx[r * nb + ib]), acc[r]);
+        }
+    }
+    for (int r = 0; r < MR; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+/* (the X-macro's arguments) activations quantized once per call; output rows in chunks of 4 activation rows */
+#define GGUF_GEMM_K8(NAME, QK, BB, S, DEC, HASMIN)                                                        \
+    int kq_##NAME(const uint8_t *W, int64_t N, int64_t K, const void *X, int64_t M, void *Y, int bf16,  \
+                  int nthreads) {                                                                       \
+        if (M < 1 || M > MMAX || K % QK_K) return -1;                                                   \
+        float *owned;                                                                                   \
+        const float *x = x_f32(X, M, K, bf16, &owned);                                                  \
+        const int64_t nb = K / QK_K;                                                                    \
+        int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)(M * K));                                      \
+        float *dx = (float *)malloc(sizeof(float) * M * nb);                                            \
+        int16_t *bs = (int16_t *)malloc(sizeof(int16_t) * M * nb * (QK_K / 16));                        \
+        x_q8k(x, M * K, xq, dx, bs);                                                                    \
+        const int nt = (N * K >= PAR_MIN) ? nthreads : 1;                                               \
+        _Pragma("omp parallel for schedule(static) num_threads(nt) if (nt > 1)")                        \
+        for (int64_t n = 0; n < N; n++) {                                                               \
+            const uint8_t *row = W + n * nb * BB;                                                       \
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {                                                     \
+                float o[4];                                                                             \
+                const int64_t mc = M - m0 < 4 ? M - m0 : 4;                                             \
+                const int8_t *xm = xq + m0 * K;                                                         \
+                const float *dm = dx + m0 * nb;                                                         \
+                const int16_t *bm = bs + m0 * nb * (QK_K / 16);                                         \
+                switch (mc) {                                                                           \
+                    case 1: rows_##NAME(row, nb, xm, dm, bm, K, 1, o); break;                           \
+                    case 2: rows_##NAME(row, nb, xm, dm, bm, K, 2, o); break;                           \
+                    case 3: rows_##NAME(row, nb, xm, dm, bm, K, 3, o); break;                           \
+                    default: rows_##NAME(row, nb, xm, dm, bm, K, 4, o); break;                          \
+                }                                                                                       \
+                for (int64_t r = 0; r < mc; r++) y_store(Y, (m0 + r) * N + n, o[r], bf16);             \
+            }                                                                                           \
+        }                                                                                               \
+        free(owned);                                                                                    \
+        free(xq);                                                                                       \
+        free(dx);                                                                                       \
+        free(bs);                                                                                       \
+        return 0;                                                                                       \
+    }
+
+GGUF_K8_FORMATS(GGUF_GEMM_K8)
 #else
 #define KQ_I8_ACTIVATIONS 0
 GGUF_I8_FORMATS(GGUF_GEMM)
+GGUF_K8_FORMATS(GGUF_GEMM)
 #endif
 GGUF_OTHER_FORMATS(GGUF_GEMM)
 
-/* 1 when Q8_0 / Q4_0 / MXFP4 quantize their activations to int8 (the VNNI kernels above), else 0 */
+/* 1 when Q8_0 / Q4_0 / MXFP4 (int8 per 32) and Q4_K / Q6_K (int8 per 256) quantize their activations (the VNNI
+ * kernels above), else 0 */
 int kq_i8_activations(void) { return KQ_I8_ACTIVATIONS; }
 
 /* Rows of a packed matrix dequantized: Y[r, :] = W[rows[r], :] (rows NULL: rows 0..R-1, the whole matrix, for
@@ -504,6 +679,7 @@ int kq_i8_activations(void) { return KQ_I8_ACTIVATIONS; }
     }
 
 GGUF_I8_FORMATS(GGUF_ROWS)
+GGUF_K8_FORMATS(GGUF_ROWS)
 GGUF_OTHER_FORMATS(GGUF_ROWS)
 
 /* mlx affine: codes = LSB-first bitstream per row (uint32 words), scales/biases fp32 [N, K/g];
