@@ -49,7 +49,7 @@ def _build() -> Path:
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     libdirs = cpp_extension.library_paths()
     cflags = [f for f in qmatmul._FLAGS if f != "-shared"]  # qmatmul.c as an object to link in
-    cxxflags = ["-O3", "-march=native", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes]
+    cxxflags = ["-O3", "-march=native", "-fPIC", "-fopenmp", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes]
     ldflags = ["-shared", "-fopenmp", *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs],
                "-lc10", "-ltorch_cpu", "-ltorch", "-lm"]
     key = (_SRC.read_bytes() + _KDA_SRC.read_bytes() + qmatmul._SRC.read_bytes()

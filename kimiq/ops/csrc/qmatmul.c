@@ -299,19 +299,124 @@ static inline void y_store(void *Y, int64_t idx, float v, int bf16) {
 
 #define PAR_MIN 262144 /* weights per call below which one thread is as fast (fork/join costs ~ the work) */
 
-/* QK weights per block of BB bytes, sub-blocks of S weights with their own scale (and min if HASMIN). */
-#define GGUF_GEMM(NAME, QK, BB, S, DEC, HASMIN)                                                          \
+/* ------------------------------------------------------------------ activations, prepared once
+ * Each kernel reads the activations in one of three forms, made once per call, or once for several weights
+ * (kimiq_cpu.qexperts: a MoE layer's gate and up projections share theirs): fp32 with sums per 16 and per 32 (the
+ * formats multiplied in fp32; the sums serve the mins), int8 per 32 (Q8_0 / Q4_0 / MXFP4 with VNNI), int8 per
+ * 256 with int16 sums per 16 (Q4_K / Q6_K with VNNI, llama.cpp's Q8_K). */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define KQ_I8_ACTIVATIONS 1
+#else
+#define KQ_I8_ACTIVATIONS 0
+#endif
+#define KQ_ACT_F32 1
+#define KQ_ACT_Q8 2
+#define KQ_ACT_Q8K 4
+
+typedef struct kq_act {
+    int64_t M, K;
+    const float *x;  /* [M, K] */
+    float *owned, *xs16, *xs32;  /* the fp32 copy of bf16 input; sums of each 16 / 32 */
+    int8_t *xq;  /* int8 per 32: [M, K] and scales [M, K/32] */
+    float *dx;
+    int8_t *xqk;  /* int8 per 256: [M, K], scales [M, K/256], sums of each 16 [M, K/16] */
+    float *dxk;
+    int16_t *bsk;
+} kq_act;
+
+#if KQ_I8_ACTIVATIONS
+static void x_q8(const float *x, int64_t n, int8_t *xq, float *dx);
+static void x_q8k(const float *x, int64_t n, int8_t *xq, float *dx, int16_t *bs);
+#endif
+
+void kq_act_free(kq_act *a) {
+    if (!a) return;
+    free(a->owned);
+    free(a->xs16);
+    free(a->xs32);
+    free(a->xq);
+    free(a->dx);
+    free(a->xqk);
+    free(a->dxk);
+    free(a->bsk);
+    free(a);
+}
+
+/* X [M, K] (fp32, or bf16 when bf16 != 0) in the forms of ``kinds`` (KQ_ACT_* bits); NULL if K does not fit them */
+kq_act *kq_act_new(const void *X, int64_t M, int64_t K, int bf16, int kinds) {
+    if (M < 1 || K % 32 || ((kinds & KQ_ACT_Q8K) && K % QK_K)) return NULL;
+    init_tables();
+    kq_act *a = (kq_act *)calloc(1, sizeof(kq_act));
+    a->M = M;
+    a->K = K;
+    a->x = x_f32(X, M, K, bf16, &a->owned);
+    if (kinds & KQ_ACT_F32) {
+        a->xs16 = x_sums(a->x, M, K, 16);
+        a->xs32 = x_sums(a->x, M, K, 32);
+    }
+#if KQ_I8_ACTIVATIONS
+    if (kinds & KQ_ACT_Q8) {
+        a->xq = (int8_t *)aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
+        a->dx = (float *)malloc(sizeof(float) * M * (K / 32));
+        x_q8(a->x, M * K, a->xq, a->dx);
+    }
+    if (kinds & KQ_ACT_Q8K) {
+        a->xqk = (int8_t *)aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
+        a->dxk = (float *)malloc(sizeof(float) * M * (K / QK_K));
+        a->bsk = (int16_t *)malloc(sizeof(int16_t) * M * (K / 16));
+        x_q8k(a->x, M * K, a->xqk, a->dxk, a->bsk);
+    }
+#endif
+    return a;
+}
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* The entry points, per format: kq_<name>(W, N, K, X, M, Y, bf16, nthreads) = Y [M, N] = X [M, K] @ W^T (Y in X's
+ * dtype), threads over output rows; kq_range_<name>(W, K, n0, n1, act, Y, ldy): rows n0..n1-1 only, fp32
+ * Y[m * ldy + n - n0], one thread; kq_act_kind_<name>(): the activation form its kernel reads. */
+#define GGUF_ENTRY(NAME, QK, KIND)                                                                        \
+    void kq_range_##NAME(const uint8_t *W, int64_t K, int64_t n0, int64_t n1, const kq_act *a, float *Y,  \
+                         int64_t ldy) {                                                                 \
+        range_##NAME(W, K, n0, n1, a, Y, ldy);                                                          \
+    }                                                                                                   \
+    int kq_act_kind_##NAME(void) { return KIND; }                                                       \
     int kq_##NAME(const uint8_t *W, int64_t N, int64_t K, const void *X, int64_t M, void *Y, int bf16,  \
                   int nthreads) {                                                                       \
         if (M < 1 || M > MMAX || K % QK) return -1;                                                     \
-        init_tables();                                                                                  \
-        float *owned;                                                                                   \
-        const float *x = x_f32(X, M, K, bf16, &owned);                                                  \
-        float *xs = HASMIN ? x_sums(x, M, K, S) : NULL;                                                 \
-        const int64_t nb = K / QK, ns = K / S;                                                          \
+        kq_act *a = kq_act_new(X, M, K, bf16, KIND);                                                    \
+        if (!a) return -1;                                                                              \
+        float *y = bf16 ? (float *)malloc(sizeof(float) * M * N) : (float *)Y;                          \
         const int nt = (N * K >= PAR_MIN) ? nthreads : 1;                                               \
-        _Pragma("omp parallel for schedule(static) num_threads(nt) if (nt > 1)")                        \
-        for (int64_t n = 0; n < N; n++) {                                                               \
+        _Pragma("omp parallel num_threads(nt) if (nt > 1)") {                                           \
+            int t = 0, T = 1;                                                                           \
+            KQ_THREAD(t, T);                                                                            \
+            const int64_t n0 = N * t / T, n1 = N * (t + 1) / T;                                         \
+            range_##NAME(W, K, n0, n1, a, y + n0, N);                                                   \
+        }                                                                                               \
+        if (bf16) {                                                                                     \
+            for (int64_t i = 0; i < M * N; i++) ((uint16_t *)Y)[i] = f32_to_bf16(y[i]);                 \
+            free(y);                                                                                    \
+        }                                                                                               \
+        kq_act_free(a);                                                                                 \
+        return 0;                                                                                       \
+    }
+#ifdef _OPENMP
+#define KQ_THREAD(t, T) (t = omp_get_thread_num(), T = omp_get_num_threads())
+#else
+#define KQ_THREAD(t, T) ((void)0)
+#endif
+
+/* QK weights per block of BB bytes, sub-blocks of S weights with their own scale (and min if HASMIN), multiplied
+ * in fp32. */
+#define GGUF_GEMM(NAME, QK, BB, S, DEC, HASMIN)                                                          \
+    static void range_##NAME(const uint8_t *W, int64_t K, int64_t n0, int64_t n1, const kq_act *a, float *Y, \
+                             int64_t ldy) {                                                             \
+        const int64_t M = a->M, nb = K / QK, ns = K / S;                                                \
+        const float *x = a->x, *xs = S == 16 ? a->xs16 : a->xs32;                                       \
+        for (int64_t n = n0; n < n1; n++) {                                                             \
             int8_t q[QK] __attribute__((aligned(64)));                                                  \
             float sc[QK / S], mn[QK / S];                                                               \
             vf acc[MMAX];                                                                               \
@@ -322,17 +427,15 @@ static inline void y_store(void *Y, int64_t idx, float v, int bf16) {
                this way (Q4_K 108 -> 172 us) and keep the general loop */                               \
             if (M == 1 && !HASMIN) {                                                                    \
                 vf a0 = v_zero(), a1 = v_zero();                                                        \
-                float as = 0.f;                                                                         \
                 for (int64_t ib = 0; ib < nb; ib++) {                                                   \
                     DEC(row + ib * BB, q, sc, mn);                                                      \
                     const float *xb = x + ib * QK;                                                      \
                     for (int j = 0; j < QK / S; j++) {                                                  \
                         if (j & 1) a1 = v_scale_add(sub_i8(xb + j * S, q + j * S, S), sc[j], a1);       \
                         else a0 = v_scale_add(sub_i8(xb + j * S, q + j * S, S), sc[j], a0);             \
-                        if (HASMIN) as -= mn[j] * xs[ib * (QK / S) + j];                                \
                     }                                                                                   \
                 }                                                                                       \
-                y_store(Y, n, v_sum(a0) + v_sum(a1) + as, bf16);                                        \
+                Y[n - n0] = v_sum(a0) + v_sum(a1);                                                      \
                 continue;                                                                               \
             }                                                                                           \
             for (int64_t m = 0; m < M; m++) acc[m] = v_zero();                                          \
@@ -346,12 +449,10 @@ static inline void y_store(void *Y, int64_t idx, float v, int bf16) {
                     }                                                                                   \
                 }                                                                                       \
             }                                                                                           \
-            for (int64_t m = 0; m < M; m++) y_store(Y, m * N + n, v_sum(acc[m]) + accs[m], bf16);      \
+            for (int64_t m = 0; m < M; m++) Y[m * ldy + n - n0] = v_sum(acc[m]) + accs[m];              \
         }                                                                                               \
-        free(owned);                                                                                    \
-        free(xs);                                                                                       \
-        return 0;                                                                                       \
-    }
+    }                                                                                                   \
+    GGUF_ENTRY(NAME, QK, KQ_ACT_F32)
 
 /* The GGUF formats, once: X(name, weights per block QK, bytes per block, weights per sub-block S, decoder, has a
  * min).  The first list holds the 32-weight, one-scale formats whose decode kernels can take int8 activations. */
@@ -369,12 +470,11 @@ static inline void y_store(void *Y, int64_t idx, float v, int bf16) {
     X(q3_k, QK_K, 110, 16, dec_q3_k, 0)                                                                   \
     X(q5_k, QK_K, 176, 32, dec_q5_k, 1)
 
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#if KQ_I8_ACTIVATIONS
 /* Formats of 32-weight blocks with one scale and no min (Q8_0, Q4_0, MXFP4): as llama.cpp, the activations
  * are quantized to int8 per 32 values (dx = max|x| / 127, round to nearest) and each block is one int8 dot
  * product (AVX512-VNNI), w . x = sc * dx * sum(q * xq): ~2x the fp32 path, with the activation rounding llama.cpp
  * has (|error| <= sum |w| * max|x_block| / 254 per output). */
-#define KQ_I8_ACTIVATIONS 1
 static void x_q8(const float *x, int64_t n, int8_t *xq, float *dx) {  /* vectorized: cvtps rounds to nearest even,
                                                                         as lrintf in the default rounding mode */
     const __m512 sign = _mm512_set1_ps(-0.f);
@@ -387,6 +487,12 @@ static void x_q8(const float *x, int64_t n, int8_t *xq, float *dx) {  /* vectori
         _mm_storeu_si128((__m128i *)(xq + b * 32 + 16),
                          _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, id))));
     }
+}
+
+static inline float hsum128(__m128 h) {
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
 }
 
 /* block -> its 32 codes in a register and its scale: no trip through memory (16-byte stores followed by a 32-byte
@@ -412,36 +518,26 @@ static inline __m256i reg_mxfp4(const uint8_t *b, float *d) {
 
 /* (the X-macro's arguments; the block comes from reg_<name>, one scale per 32 weights) */
 #define GGUF_GEMM_I8(NAME, QK, BB, S, DEC, HASMIN)                                                        \
-    int kq_##NAME(const uint8_t *W, int64_t N, int64_t K, const void *X, int64_t M, void *Y, int bf16,  \
-                  int nthreads) {                                                                       \
-        if (M < 1 || M > MMAX || K % 32) return -1;                                                     \
-        init_tables();                                                                                  \
-        float *owned;                                                                                   \
-        const float *x = x_f32(X, M, K, bf16, &owned);                                                  \
-        const int64_t nb = K / 32;                                                                      \
-        int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));                     \
-        float *dx = (float *)malloc(sizeof(float) * M * nb);                                            \
-        x_q8(x, M * K, xq, dx);                                                                         \
-        const int nt = (N * K >= PAR_MIN) ? nthreads : 1;                                               \
-        _Pragma("omp parallel for schedule(static) num_threads(nt) if (nt > 1)")                        \
-        for (int64_t n = 0; n < N; n++) {                                                               \
+    static void range_##NAME(const uint8_t *W, int64_t K, int64_t n0, int64_t n1, const kq_act *a, float *Y, \
+                             int64_t ldy) {                                                             \
+        const int64_t M = a->M, nb = K / 32;                                                            \
+        const int8_t *xq = a->xq;                                                                       \
+        const float *dx = a->dx;                                                                        \
+        for (int64_t n = n0; n < n1; n++) {                                                             \
             float sc;                                                                                   \
             __m256 acc[MMAX];                                                                           \
             const uint8_t *row = W + n * nb * BB;                                                       \
             if (M == 1) { /* decode: four accumulators in registers, so the FMA chain is not the limit */ \
-                __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),           \
-                               _mm256_setzero_ps()};                                                    \
+                __m256 a4[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),          \
+                                _mm256_setzero_ps()};                                                   \
                 for (int64_t ib = 0; ib < nb; ib++) {                                                   \
                     const __m256i w = reg_##NAME(row + ib * BB, &sc), aw = _mm256_sign_epi8(w, w);      \
                     const __m256i v = _mm256_loadu_si256((const __m256i *)(xq + ib * 32));              \
                     const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, _mm256_sign_epi8(v, w)); \
-                    a[ib & 3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sc * dx[ib]), a[ib & 3]); \
+                    a4[ib & 3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sc * dx[ib]), a4[ib & 3]); \
                 }                                                                                       \
-                const __m256 t = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));   \
-                __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));          \
-                h = _mm_add_ps(h, _mm_movehl_ps(h, h));                                                 \
-                h = _mm_add_ss(h, _mm_movehdup_ps(h));                                                  \
-                y_store(Y, n, _mm_cvtss_f32(h), bf16);                                                  \
+                const __m256 t = _mm256_add_ps(_mm256_add_ps(a4[0], a4[1]), _mm256_add_ps(a4[2], a4[3])); \
+                Y[n - n0] = hsum128(_mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1))); \
                 continue;                                                                               \
             }                                                                                           \
             for (int64_t m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();                               \
@@ -455,18 +551,12 @@ static inline __m256i reg_mxfp4(const uint8_t *b, float *d) {
                                              acc[m]);                                                   \
                 }                                                                                       \
             }                                                                                           \
-            for (int64_t m = 0; m < M; m++) {                                                           \
-                __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1)); \
-                h = _mm_add_ps(h, _mm_movehl_ps(h, h));                                                 \
-                h = _mm_add_ss(h, _mm_movehdup_ps(h));                                                  \
-                y_store(Y, m * N + n, _mm_cvtss_f32(h), bf16);                                          \
-            }                                                                                           \
+            for (int64_t m = 0; m < M; m++)                                                             \
+                Y[m * ldy + n - n0] =                                                                   \
+                    hsum128(_mm_add_ps(_mm256_castps256_ps128(acc[m]), _mm256_extractf128_ps(acc[m], 1))); \
         }                                                                                               \
-        free(owned);                                                                                    \
-        free(xq);                                                                                       \
-        free(dx);                                                                                       \
-        return 0;                                                                                       \
-    }
+    }                                                                                                   \
+    GGUF_ENTRY(NAME, QK, KQ_ACT_Q8)
 
 GGUF_I8_FORMATS(GGUF_GEMM_I8)
 
@@ -502,12 +592,6 @@ static const uint16_t K6_IDX[4][32] __attribute__((aligned(64))) = {
     {R8(0), R8(1), R8(2), R8(3)}, {R8(4), R8(5), R8(6), R8(7)}, {R8(8), R8(9), R8(10), R8(11)},
     {R8(12), R8(13), R8(14), R8(15)}};
 #undef R8
-
-static inline float hsum128(__m128 h) {
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h);
-}
 
 /* One weight row . MR (1..4, a constant after inlining) Q8_K activation rows, out[r]: each 256-weight block is
  * decoded into registers once and used for all MR rows (accumulators stay in registers). */
@@ -599,47 +683,33 @@ KROWS rows_q6_k(const uint8_t *row, int64_t nb, const int8_t *xq, const float *d
     for (int r = 0; r < MR; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-/* (the X-macro's arguments) activations quantized once per call; output rows in chunks of 4 activation rows */
+/* (the X-macro's arguments) output rows against chunks of up to 4 activation rows */
 #define GGUF_GEMM_K8(NAME, QK, BB, S, DEC, HASMIN)                                                        \
-    int kq_##NAME(const uint8_t *W, int64_t N, int64_t K, const void *X, int64_t M, void *Y, int bf16,  \
-                  int nthreads) {                                                                       \
-        if (M < 1 || M > MMAX || K % QK_K) return -1;                                                   \
-        float *owned;                                                                                   \
-        const float *x = x_f32(X, M, K, bf16, &owned);                                                  \
-        const int64_t nb = K / QK_K;                                                                    \
-        int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)(M * K));                                      \
-        float *dx = (float *)malloc(sizeof(float) * M * nb);                                            \
-        int16_t *bs = (int16_t *)malloc(sizeof(int16_t) * M * nb * (QK_K / 16));                        \
-        x_q8k(x, M * K, xq, dx, bs);                                                                    \
-        const int nt = (N * K >= PAR_MIN) ? nthreads : 1;                                               \
-        _Pragma("omp parallel for schedule(static) num_threads(nt) if (nt > 1)")                        \
-        for (int64_t n = 0; n < N; n++) {                                                               \
+    static void range_##NAME(const uint8_t *W, int64_t K, int64_t n0, int64_t n1, const kq_act *a, float *Y, \
+                             int64_t ldy) {                                                             \
+        const int64_t M = a->M, nb = K / QK_K;                                                          \
+        for (int64_t n = n0; n < n1; n++) {                                                             \
             const uint8_t *row = W + n * nb * BB;                                                       \
             for (int64_t m0 = 0; m0 < M; m0 += 4) {                                                     \
                 float o[4];                                                                             \
                 const int64_t mc = M - m0 < 4 ? M - m0 : 4;                                             \
-                const int8_t *xm = xq + m0 * K;                                                         \
-                const float *dm = dx + m0 * nb;                                                         \
-                const int16_t *bm = bs + m0 * nb * (QK_K / 16);                                         \
+                const int8_t *xm = a->xqk + m0 * K;                                                     \
+                const float *dm = a->dxk + m0 * nb;                                                     \
+                const int16_t *bm = a->bsk + m0 * nb * (QK_K / 16);                                     \
                 switch (mc) {                                                                           \
                     case 1: rows_##NAME(row, nb, xm, dm, bm, K, 1, o); break;                           \
                     case 2: rows_##NAME(row, nb, xm, dm, bm, K, 2, o); break;                           \
                     case 3: rows_##NAME(row, nb, xm, dm, bm, K, 3, o); break;                           \
                     default: rows_##NAME(row, nb, xm, dm, bm, K, 4, o); break;                          \
                 }                                                                                       \
-                for (int64_t r = 0; r < mc; r++) y_store(Y, (m0 + r) * N + n, o[r], bf16);             \
+                for (int64_t r = 0; r < mc; r++) Y[(m0 + r) * ldy + n - n0] = o[r];                     \
             }                                                                                           \
         }                                                                                               \
-        free(owned);                                                                                    \
-        free(xq);                                                                                       \
-        free(dx);                                                                                       \
-        free(bs);                                                                                       \
-        return 0;                                                                                       \
-    }
+    }                                                                                                   \
+    GGUF_ENTRY(NAME, QK, KQ_ACT_Q8K)
 
 GGUF_K8_FORMATS(GGUF_GEMM_K8)
 #else
-#define KQ_I8_ACTIVATIONS 0
 GGUF_I8_FORMATS(GGUF_GEMM)
 GGUF_K8_FORMATS(GGUF_GEMM)
 #endif

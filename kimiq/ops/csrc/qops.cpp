@@ -18,15 +18,22 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <utility>
 #include <vector>
 
 extern "C" {
 typedef int (*gemm_fn)(const uint8_t *, int64_t, int64_t, const void *, int64_t, void *, int, int);
 typedef int (*rows_fn)(const uint8_t *, int64_t, const int64_t *, int64_t, void *, int);
-#define KQ_DECL(NAME)                                                                   \
-    int kq_##NAME(const uint8_t *, int64_t, int64_t, const void *, int64_t, void *, int, int); \
-    int kq_rows_##NAME(const uint8_t *, int64_t, const int64_t *, int64_t, void *, int);
+struct kq_act;
+typedef void (*range_fn)(const uint8_t *, int64_t, int64_t, int64_t, const kq_act *, float *, int64_t);
+kq_act *kq_act_new(const void *, int64_t, int64_t, int, int);
+void kq_act_free(kq_act *);
+#define KQ_DECL(NAME)                                                                                   \
+    int kq_##NAME(const uint8_t *, int64_t, int64_t, const void *, int64_t, void *, int, int);         \
+    int kq_rows_##NAME(const uint8_t *, int64_t, const int64_t *, int64_t, void *, int);                \
+    void kq_range_##NAME(const uint8_t *, int64_t, int64_t, int64_t, const kq_act *, float *, int64_t); \
+    int kq_act_kind_##NAME(void);
 KQ_DECL(q8_0)
 KQ_DECL(q4_0)
 KQ_DECL(mxfp4)
@@ -42,10 +49,23 @@ KQ_DECL(q6_k)
 namespace {
 
 constexpr int64_t kMaxRows = 16;  // MMAX of qmatmul.c
-const gemm_fn GEMM[] = {kq_q8_0, kq_q4_0, kq_mxfp4, kq_q5_0, kq_q5_1, kq_q2_k, kq_q3_k, kq_q4_k, kq_q5_k, kq_q6_k};
-const rows_fn ROWS[] = {kq_rows_q8_0, kq_rows_q4_0, kq_rows_mxfp4, kq_rows_q5_0, kq_rows_q5_1,
-                        kq_rows_q2_k, kq_rows_q3_k, kq_rows_q4_k, kq_rows_q5_k, kq_rows_q6_k};
+#define KQ_TABLE(P) {P##q8_0, P##q4_0, P##mxfp4, P##q5_0, P##q5_1, P##q2_k, P##q3_k, P##q4_k, P##q5_k, P##q6_k}
+const gemm_fn GEMM[] = KQ_TABLE(kq_);
+const rows_fn ROWS[] = KQ_TABLE(kq_rows_);
+const range_fn RANGE[] = KQ_TABLE(kq_range_);
+int (*const KIND[])(void) = KQ_TABLE(kq_act_kind_);
 constexpr int64_t kFormats = sizeof(GEMM) / sizeof(GEMM[0]);
+
+// activations prepared once (kq_act_new), freed with the scope
+struct Act {
+    kq_act *a;
+    Act(const void *x, int64_t M, int64_t K, bool bf16, int kinds) : a(kq_act_new(x, M, K, bf16, kinds)) {
+        TORCH_CHECK(a != nullptr, "kimiq_cpu: kernel refused K=", K, " (not a whole number of blocks)");
+    }
+    ~Act() { kq_act_free(a); }
+    Act(const Act &) = delete;
+    Act &operator=(const Act &) = delete;
+};
 
 void check_fmt(int64_t fmt) { TORCH_CHECK(fmt >= 0 && fmt < kFormats, "kimiq_cpu: unknown format index ", fmt); }
 
@@ -82,6 +102,9 @@ at::Tensor qlinear(const at::Tensor &x, const at::Tensor &w, int64_t fmt, int64_
 
 inline float round_as(float v, bool bf16) { return bf16 ? static_cast<float>(c10::BFloat16(v)) : v; }
 
+// One token's routed experts: gate and up rows of all k chosen experts in one parallel pass (one activation
+// quantization, one fork/join), then the down rows of all k, each thread summing its output slice over the experts
+// in ascending order (the eager dispatch's order), rounding where the eager modules round (bf16).
 at::Tensor qexperts(const at::Tensor &x, const at::Tensor &weights, const at::Tensor &idx, const at::Tensor &w1,
                     const at::Tensor &w3, const at::Tensor &w2, int64_t f1, int64_t f3, int64_t f2) {
     check_fmt(f1);
@@ -102,13 +125,13 @@ at::Tensor qexperts(const at::Tensor &x, const at::Tensor &weights, const at::Te
     const int64_t esz = x.element_size();
     at::Tensor xc = x.contiguous(), ic = idx.contiguous(), wc = weights.contiguous();
     at::Tensor out = at::empty({T, D}, x.options());
-    at::Tensor h1 = at::empty({I}, x.options()), h3 = at::empty({I}, x.options()), yd = at::empty({D}, x.options());
-    std::vector<float> acc(D);
+    std::vector<float> gu(2 * k * I), h(k * I), down(k * D);
     const char *xp = static_cast<const char *>(xc.const_data_ptr());
     const int64_t *ip = ic.const_data_ptr<int64_t>();
     const float *wp = wc.const_data_ptr<float>();
     const uint8_t *b1 = w1.data_ptr<uint8_t>(), *b3 = w3.data_ptr<uint8_t>(), *b2 = w2.data_ptr<uint8_t>();
     const int64_t s1 = w1.stride(0), s3 = w3.stride(0), s2 = w2.stride(0);
+    const range_fn r1 = RANGE[f1], r3 = RANGE[f3], r2 = RANGE[f2];
     for (int64_t t = 0; t < T; t++) {
         std::vector<std::pair<int64_t, float>> chosen(k);
         for (int64_t j = 0; j < k; j++) {
@@ -116,39 +139,43 @@ at::Tensor qexperts(const at::Tensor &x, const at::Tensor &weights, const at::Te
             TORCH_CHECK(chosen[j].first >= 0 && chosen[j].first < E, "kimiq_cpu.qexperts: expert index out of range");
         }
         std::sort(chosen.begin(), chosen.end());  // ascending experts: the eager dispatch's summation order
-        const char *xt = xp + t * D * esz;
+        const Act ax(xp + t * D * esz, 1, D, bf16, KIND[f1]() | KIND[f3]());
+        // gate and up: 2k matrices of I rows, as one range of 2kI rows (segment s: expert s / 2, up if s odd)
+        at::parallel_for(0, 2 * k * I, 64, [&](int64_t begin, int64_t end) {
+            for (int64_t r = begin; r < end;) {
+                const int64_t seg = r / I, row = r % I, n = std::min(end - r, I - row), e = chosen[seg / 2].first;
+                if (seg % 2 == 0) r1(b1 + e * s1, D, row, row + n, ax.a, gu.data() + r, 0);
+                else r3(b3 + e * s3, D, row, row + n, ax.a, gu.data() + r, 0);
+                r += n;
+            }
+        });
+        // h = silu(gate) * up in x's dtype (bf16: the projections' outputs and each op rounded, as torch's)
         for (int64_t j = 0; j < k; j++) {
-            const int64_t e = chosen[j].first;
-            const float we = chosen[j].second;
-            gemm(GEMM[f1], b1 + e * s1, I, D, xt, 1, static_cast<char *>(h1.data_ptr()), esz, bf16);
-            gemm(GEMM[f3], b3 + e * s3, I, D, xt, 1, static_cast<char *>(h3.data_ptr()), esz, bf16);
-            // h = silu(h1) * h3 in x's dtype (bf16: each op rounds, as torch's)
-            if (bf16) {
-                auto *a = h1.data_ptr<c10::BFloat16>();
-                const auto *b = h3.const_data_ptr<c10::BFloat16>();
-                for (int64_t i = 0; i < I; i++) {
-                    const float g = a[i];
-                    a[i] = c10::BFloat16(round_as(g / (1.f + std::exp(-g)), true) * static_cast<float>(b[i]));
+            const float *g = gu.data() + 2 * j * I, *u = g + I;
+            float *hj = h.data() + j * I;
+            for (int64_t i = 0; i < I; i++) {
+                const float a = round_as(g[i], bf16);
+                hj[i] = bf16 ? round_as(round_as(a / (1.f + std::exp(-a)), true) * round_as(u[i], true), true)
+                             : a / (1.f + std::exp(-a)) * u[i];
+            }
+        }
+        std::vector<std::unique_ptr<Act>> ah;
+        for (int64_t j = 0; j < k; j++) ah.emplace_back(new Act(h.data() + j * I, 1, I, false, KIND[f2]()));
+        float *o = bf16 ? nullptr : out.data_ptr<float>() + t * D;
+        c10::BFloat16 *ob = bf16 ? out.data_ptr<c10::BFloat16>() + t * D : nullptr;
+        at::parallel_for(0, D, 64, [&](int64_t d0, int64_t d1) {
+            for (int64_t j = 0; j < k; j++)
+                r2(b2 + chosen[j].first * s2, I, d0, d1, ah[j]->a, down.data() + j * D + d0, 0);
+            for (int64_t d = d0; d < d1; d++) {
+                float acc = 0.f;
+                for (int64_t j = 0; j < k; j++) {
+                    const float v = round_as(round_as(down[j * D + d], bf16) * chosen[j].second, bf16);
+                    acc = j == 0 ? v : round_as(acc + v, bf16);
                 }
-            } else {
-                float *a = h1.data_ptr<float>();
-                const float *b = h3.const_data_ptr<float>();
-                for (int64_t i = 0; i < I; i++) a[i] = a[i] / (1.f + std::exp(-a[i])) * b[i];
+                if (bf16) ob[d] = c10::BFloat16(acc);
+                else o[d] = acc;
             }
-            gemm(GEMM[f2], b2 + e * s2, D, I, static_cast<const char *>(h1.const_data_ptr()), 1,
-                 static_cast<char *>(yd.data_ptr()), esz, bf16);
-            for (int64_t d = 0; d < D; d++) {
-                const float v = round_as((bf16 ? static_cast<float>(yd.const_data_ptr<c10::BFloat16>()[d])
-                                               : yd.const_data_ptr<float>()[d]) * we, bf16);
-                acc[d] = j == 0 ? v : round_as(acc[d] + v, bf16);
-            }
-        }
-        if (bf16) {
-            auto *o = out.data_ptr<c10::BFloat16>() + t * D;
-            for (int64_t d = 0; d < D; d++) o[d] = c10::BFloat16(acc[d]);
-        } else {
-            std::copy(acc.begin(), acc.end(), out.data_ptr<float>() + t * D);
-        }
+        });
     }
     return out;
 }
