@@ -9,8 +9,9 @@ head does not dominate.  Weights are random and quantized with kimiq's quantizer
 every expert of a projection holds the same quantized matrix (each in its own memory, so decode reads what
 it would read from distinct experts).  Decode tok/s is measured with the compiled step (``DecodeStep``) and
 eagerly.  The roofline: bytes of weights one decoded token reads (every dense linear, the router, the shared
-expert and the 8 routed experts per layer, in the form the CPU kernel reads: torch's int4 repack for Q4_K,
-the stored blocks otherwise) divided by the copy bandwidth measured in the same run (STREAM convention:
+expert and the 8 routed experts per layer, in the form the CPU kernel reads: the stored blocks, torch's int4
+repack where a format runs torch's int4 kernel, and MLA's kv_b_proj dequantized in the model dtype, which the
+absorbed decode reads) divided by the copy bandwidth measured in the same run (STREAM convention:
 bytes read + written per second by ``dst.copy_(src)`` over 256 MiB, the same thread count).
 """
 
@@ -114,7 +115,10 @@ def bytes_per_token(model, k: int, cxx_experts: bool = False) -> tuple[int, int]
         if isinstance(m, QuantLinear) and not name.endswith("lm_head"):
             b = sum(t.numel() * t.element_size() for t in m._parts("q").values())
             stored += b
-            kernel += _kernel_bytes(b, m._int4 or None)
+            if name.endswith("kv_b_proj"):  # MLA's absorbed decode reads its dequantized copy (model dtype)
+                kernel += m.dequantized_weight().numel() * m.compute_dtype.itemsize
+            else:
+                kernel += _kernel_bytes(b, m._int4 or None)
         elif isinstance(m, QuantExperts):
             for proj in ("w1", "w3", "w2"):
                 b = sum(t[0].numel() * t.element_size() for t in m._parts(proj).values())  # one expert
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--format", default="q4_k", help="weight format for every linear and expert (default q4_k)")
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--gen", type=int, default=16, help="decode steps per repetition (default 16)")
+    ap.add_argument("--gen", type=int, default=64, help="decode steps per repetition (default 64)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--no-compile", dest="compile", action="store_false")

@@ -312,6 +312,7 @@ static inline void y_store(void *Y, int64_t idx, float v, int bf16) {
 #define KQ_ACT_F32 1
 #define KQ_ACT_Q8 2
 #define KQ_ACT_Q8K 4
+#define KQ_ACT_Q8K4 8  /* the same, each 256 in Q4_K's nibble order: 32-value sub-blocks 0 2 1 3 4 6 5 7 */
 
 typedef struct kq_act {
     int64_t M, K;
@@ -319,14 +320,14 @@ typedef struct kq_act {
     float *owned, *xs16, *xs32;  /* the fp32 copy of bf16 input; sums of each 16 / 32 */
     int8_t *xq;  /* int8 per 32: [M, K] and scales [M, K/32] */
     float *dx;
-    int8_t *xqk;  /* int8 per 256: [M, K], scales [M, K/256], sums of each 16 [M, K/16] */
+    int8_t *xqk, *xqk4;  /* int8 per 256: [M, K] (natural, Q4_K order), scales [M, K/256], sums of each 16 [M, K/16] */
     float *dxk;
     int16_t *bsk;
 } kq_act;
 
 #if KQ_I8_ACTIVATIONS
 static void x_q8(const float *x, int64_t n, int8_t *xq, float *dx);
-static void x_q8k(const float *x, int64_t n, int8_t *xq, float *dx, int16_t *bs);
+static void x_q8k(const float *x, int64_t n, int8_t *xq, float *dx, int16_t *bs, int q4k_order);
 #endif
 
 void kq_act_free(kq_act *a) {
@@ -337,6 +338,7 @@ void kq_act_free(kq_act *a) {
     free(a->xq);
     free(a->dx);
     free(a->xqk);
+    free(a->xqk4);
     free(a->dxk);
     free(a->bsk);
     free(a);
@@ -344,7 +346,7 @@ void kq_act_free(kq_act *a) {
 
 /* X [M, K] (fp32, or bf16 when bf16 != 0) in the forms of ``kinds`` (KQ_ACT_* bits); NULL if K does not fit them */
 kq_act *kq_act_new(const void *X, int64_t M, int64_t K, int bf16, int kinds) {
-    if (M < 1 || K % 32 || ((kinds & KQ_ACT_Q8K) && K % QK_K)) return NULL;
+    if (M < 1 || K % 32 || ((kinds & (KQ_ACT_Q8K | KQ_ACT_Q8K4)) && K % QK_K)) return NULL;
     init_tables();
     kq_act *a = (kq_act *)calloc(1, sizeof(kq_act));
     a->M = M;
@@ -360,11 +362,15 @@ kq_act *kq_act_new(const void *X, int64_t M, int64_t K, int bf16, int kinds) {
         a->dx = (float *)malloc(sizeof(float) * M * (K / 32));
         x_q8(a->x, M * K, a->xq, a->dx);
     }
-    if (kinds & KQ_ACT_Q8K) {
-        a->xqk = (int8_t *)aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
-        a->dxk = (float *)malloc(sizeof(float) * M * (K / QK_K));
-        a->bsk = (int16_t *)malloc(sizeof(int16_t) * M * (K / 16));
-        x_q8k(a->x, M * K, a->xqk, a->dxk, a->bsk);
+    for (int order = 0; order < 2; order++) {
+        if (!(kinds & (order ? KQ_ACT_Q8K4 : KQ_ACT_Q8K))) continue;
+        int8_t *xq = (int8_t *)aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
+        *(order ? &a->xqk4 : &a->xqk) = xq;
+        if (!a->dxk) {
+            a->dxk = (float *)malloc(sizeof(float) * M * (K / QK_K));
+            a->bsk = (int16_t *)malloc(sizeof(int16_t) * M * (K / 16));
+        }
+        x_q8k(a->x, M * K, xq, a->dxk, a->bsk, order);
     }
 #endif
     return a;
@@ -564,7 +570,8 @@ GGUF_I8_FORMATS(GGUF_GEMM_I8)
  * max|x| / 127, and the sum of every 16 int8 values for the mins / offsets), the integer sub-block scales applied in
  * int32 (vpmaddubsw: 4- or 6-bit codes x int8 activations -> int16 pairs; vpdpwssd: x scale, summed into int32), one
  * float multiply per 256 weights.  |error| <= sum |w| * max|x| over the 256-block / 254 per output. */
-static void x_q8k(const float *x, int64_t n, int8_t *xq, float *dx, int16_t *bs) {
+static void x_q8k(const float *x, int64_t n, int8_t *xq, float *dx, int16_t *bs, int q4k_order) {
+    static const int SLOT[8] = {0, 2, 1, 3, 4, 6, 5, 7};  /* Q4_K order: where 32-value sub-block j goes */
     const __m512 sign = _mm512_set1_ps(-0.f);
     for (int64_t b = 0; b < n / QK_K; b++) {
         const float *xb = x + b * QK_K;
@@ -575,17 +582,19 @@ static void x_q8k(const float *x, int64_t n, int8_t *xq, float *dx, int16_t *bs)
         dx[b] = amax / 127.f;
         for (int g = 0; g < QK_K / 16; g++) {
             const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + 16 * g), id));
-            _mm_storeu_si128((__m128i *)(xq + b * QK_K + 16 * g), _mm512_cvtsepi32_epi8(q));
+            const int at = q4k_order ? 32 * SLOT[g / 2] + 16 * (g % 2) : 16 * g;
+            _mm_storeu_si128((__m128i *)(xq + b * QK_K + at), _mm512_cvtsepi32_epi8(q));
             bs[b * (QK_K / 16) + g] = (int16_t)_mm512_reduce_add_epi32(q);
         }
     }
 }
 
 /* vpermw indices spreading sub-block scales over the int16 products of one 64-code register:
- * K4_IDX[c]: 32-code sub-blocks 2c, 2c+1 (16 words each); K6_IDX[g]: 16-code sub-blocks 4g..4g+3 (8 words each) */
+ * K4_IDX: the 32-code sub-blocks of Q4_K's low / high nibbles of 64 bytes (16 words each); K6_IDX[g]: 16-code
+ * sub-blocks 4g..4g+3 (8 words each) */
 static const uint16_t K4_IDX[4][32] __attribute__((aligned(64))) = {
 #define R16(v) v, v, v, v, v, v, v, v, v, v, v, v, v, v, v, v
-    {R16(0), R16(1)}, {R16(2), R16(3)}, {R16(4), R16(5)}, {R16(6), R16(7)}};
+    {R16(0), R16(2)}, {R16(1), R16(3)}, {R16(4), R16(6)}, {R16(5), R16(7)}};
 #undef R16
 static const uint16_t K6_IDX[4][32] __attribute__((aligned(64))) = {
 #define R8(v) v, v, v, v, v, v, v, v
@@ -617,10 +626,13 @@ KROWS rows_q4_k(const uint8_t *row, int64_t nb, const int8_t *xq, const float *d
         const __m128i m16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)mn));
         const __m128i mlo = _mm_unpacklo_epi16(m16, m16), mhi = _mm_unpackhi_epi16(m16, m16);  /* per 16 values */
         __m512i q[4], s[4];
-        for (int k = 0; k < 4; k++) {  /* 32 bytes: sub-block 2k in the low nibbles, 2k+1 in the high */
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * k));
-            q[k] = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1), m4);
-            s[k] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)K4_IDX[k]), scw);
+        for (int h = 0; h < 2; h++) {  /* 64 bytes: sub-blocks 4h, 4h+2 in the low nibbles, 4h+1, 4h+3 in the high
+                                          (the activations come in that order: KQ_ACT_Q8K4) */
+            const __m512i v = _mm512_loadu_si512((const void *)(b + 16 + 64 * h));
+            q[2 * h] = _mm512_and_si512(v, m4);
+            q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            s[2 * h] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)K4_IDX[2 * h]), scw);
+            s[2 * h + 1] = _mm512_permutexvar_epi16(_mm512_load_si512((const void *)K4_IDX[2 * h + 1]), scw);
         }
         const float d = f16_to_f32(b), dmin = f16_to_f32(b + 2);
         for (int r = 0; r < MR; r++) {
@@ -684,6 +696,8 @@ KROWS rows_q6_k(const uint8_t *row, int64_t nb, const int8_t *xq, const float *d
 }
 
 /* (the X-macro's arguments) output rows against chunks of up to 4 activation rows */
+#define K8_KIND_q4_k KQ_ACT_Q8K4 /* each format's activation form */
+#define K8_KIND_q6_k KQ_ACT_Q8K
 #define GGUF_GEMM_K8(NAME, QK, BB, S, DEC, HASMIN)                                                        \
     static void range_##NAME(const uint8_t *W, int64_t K, int64_t n0, int64_t n1, const kq_act *a, float *Y, \
                              int64_t ldy) {                                                             \
@@ -693,7 +707,7 @@ KROWS rows_q6_k(const uint8_t *row, int64_t nb, const int8_t *xq, const float *d
             for (int64_t m0 = 0; m0 < M; m0 += 4) {                                                     \
                 float o[4];                                                                             \
                 const int64_t mc = M - m0 < 4 ? M - m0 : 4;                                             \
-                const int8_t *xm = a->xqk + m0 * K;                                                     \
+                const int8_t *xm = (K8_KIND_##NAME == KQ_ACT_Q8K4 ? a->xqk4 : a->xqk) + m0 * K;         \
                 const float *dm = a->dxk + m0 * nb;                                                     \
                 const int16_t *bm = a->bsk + m0 * nb * (QK_K / 16);                                     \
                 switch (mc) {                                                                           \
@@ -706,7 +720,7 @@ KROWS rows_q6_k(const uint8_t *row, int64_t nb, const int8_t *xq, const float *d
             }                                                                                           \
         }                                                                                               \
     }                                                                                                   \
-    GGUF_ENTRY(NAME, QK, KQ_ACT_Q8K)
+    GGUF_ENTRY(NAME, QK, K8_KIND_##NAME)
 
 GGUF_K8_FORMATS(GGUF_GEMM_K8)
 #else
