@@ -25,6 +25,7 @@ from decode import run_once  # noqa: E402
 
 from kimiq import default_model_path  # noqa: E402
 from kimiq.model.weights import load_model  # noqa: E402
+from kimiq.ops import qops  # noqa: E402
 from kimiq.quant.modules import quantize  # noqa: E402
 
 
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     path = args.model or str(default_model_path())
     models = {b: build(path, b) for b in args.builds}
+    qops.available()  # kimiq's C++ operators, which generate_tokens loads on CPU
     vocab = next(iter(models.values())).config.vocab_size
     prompt = torch.randint(0, vocab, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     for m in models.values():

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kimiq.generate.sampling import SamplingParams, make_generator, sample
+from kimiq.ops import qops
 
 __all__ = ["GenerationStats", "Step", "generate_tokens", "prefill", "FINISH_STOP", "FINISH_LENGTH"]
 
@@ -156,6 +157,8 @@ def generate_tokens(
     B = len(rows)
     stats = stats if stats is not None else GenerationStats()
     device = model.device
+    if device.type == "cpu":  # kimiq's C++ operators (KDA decode step, quantized layers), built once per machine
+        qops.available()
     if state is None:
         state = model.new_state(B, capacity=max(map(len, rows)) + max_new_tokens)
     elif state.batch_size != B:

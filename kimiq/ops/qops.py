@@ -1,11 +1,12 @@
-"""The fused quantized kernels as torch operators (``torch.ops.kimiq_cpu``), for compiled graphs.
+"""kimiq's CPU kernels as torch operators (``torch.ops.kimiq_cpu``), for compiled graphs.
 
     if qops.available():
         y = torch.ops.kimiq_cpu.qlinear(x, blocks, qops.FORMAT_ID["q6_k"], out_features)
 
 ``csrc/qops.cpp`` wraps the kernels of ``csrc/qmatmul.c`` (GGUF formats) in three operators: a linear layer, a
 whole routed-expert MoE step for the chosen experts (one call per layer instead of three per expert), and an
-embedding lookup that dequantizes only the rows asked for.  Being C++ operators, inductor's C++ wrapper calls
+embedding lookup that dequantizes only the rows asked for.  ``csrc/kda_step.cpp`` adds one KDA decode step in place
+on the recurrent state (``kimiq.ops.kda.kda_decode_``).  Being C++ operators, inductor's C++ wrapper calls
 them through the dispatcher without entering Python, which the Python custom ops of ``kimiq.quant.opaque`` cannot
 avoid (~15 µs a call, more than the kernel at the default model's width).  The library is compiled against the
 running torch on first use (~30 s; cached in ``$XDG_CACHE_HOME/kimiq/kernels``), never at import; without a C++
@@ -95,7 +96,7 @@ def available() -> bool:
                 _State.loaded = True
             except (RuntimeError, OSError) as e:
                 _State.error = str(e)
-                warnings.warn(f"kimiq: C++ quantized operators unavailable, compiled graphs call the Python ones ({e})",
+                warnings.warn(f"kimiq: C++ operators unavailable, compiled graphs use the torch / Python paths ({e})",
                               stacklevel=2)
     return _State.loaded
 
