@@ -401,11 +401,10 @@ kq_act *kq_act_new(const void *X, int64_t M, int64_t K, int bf16, int kinds) {
             KQ_THREAD(t, T);                                                                            \
             const int64_t n0 = N * t / T, n1 = N * (t + 1) / T;                                         \
             range_##NAME(W, K, n0, n1, a, y + n0, N);                                                   \
+            for (int64_t m = 0; bf16 && m < M; m++) /* each thread rounds its own outputs */            \
+                for (int64_t n = n0; n < n1; n++) ((uint16_t *)Y)[m * N + n] = f32_to_bf16(y[m * N + n]); \
         }                                                                                               \
-        if (bf16) {                                                                                     \
-            for (int64_t i = 0; i < M * N; i++) ((uint16_t *)Y)[i] = f32_to_bf16(y[i]);                 \
-            free(y);                                                                                    \
-        }                                                                                               \
+        if (bf16) free(y);                                                                              \
         kq_act_free(a);                                                                                 \
         return 0;                                                                                       \
     }
