@@ -136,7 +136,7 @@ def _cpu_path(rows: int, fmt: str, dtype: torch.dtype) -> str:
     * "fused": kimiq's dequantize-matmul kernels on the stored blocks (``qmatmul``), up to MAX_ROWS rows; with no
       row limit for formats whose kernel quantizes activations to int8 per 256 (Q4_K / Q6_K on VNNI builds) in
       fp32, where a dense fp32 GEMM stays ~3x slower even at 128 rows.  Q4_K there beats torch's int4 kernel at
-      every row count (1 row, 2304x1024: 38 vs 65 µs, 4 rows: 81 vs 115) and needs no repack.
+      every row count (1 row, 2304x1024: 34 vs 64 µs, 4 rows: 81 vs 115) and needs no repack.
     * "int4": torch's int4 kernel on a repack made at first use (4-bit affine-form formats otherwise), below
       GEMM_ROWS rows;
     * "dense": C dequantization, then a dense GEMM (prefill): above MAX_ROWS (from GEMM_ROWS for "int4")."""

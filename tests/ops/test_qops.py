@@ -94,6 +94,10 @@ def test_bad_input_is_refused_with_a_reason():
         torch.ops.kimiq_cpu.qlinear(torch.randn(1, 64).half(), lin.q_weight, 0, 8)
     with pytest.raises(RuntimeError, match="out of range"):
         torch.ops.kimiq_cpu.qrows(lin.q_weight, torch.tensor([8]), 0, 64, False)
+    w = torch.zeros(2, 64, 34, dtype=torch.uint8)  # Q8_0 rows of 64 weights, but Q4_K needs 256 per block
+    with pytest.raises(RuntimeError, match="whole number of blocks"):
+        torch.ops.kimiq_cpu.qexperts(torch.randn(1, 64), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long), w, w,
+                                     w, qops.FORMAT_ID["q4_k"], qops.FORMAT_ID["q4_k"], qops.FORMAT_ID["q4_k"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -13,6 +13,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -34,7 +35,8 @@ at::Tensor kda_step(at::Tensor &S, const at::Tensor &q, const at::Tensor &k, con
     const float *qp = qf.const_data_ptr<float>(), *kp = kf.const_data_ptr<float>(), *vp = vf.const_data_ptr<float>(),
                 *gp = gf.const_data_ptr<float>(), *bp = bf.const_data_ptr<float>();
     const float sc = static_cast<float>(scale);
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    const int64_t grain = std::max<int64_t>(1, 65536 / (K * V));  // heads per task: threads only for big states
+    at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
         std::vector<float> u(V), d(V);
         for (int64_t bh = begin; bh < end; bh++) {
             float *s = s0 + bh * K * V, *out = o0 + bh * V;

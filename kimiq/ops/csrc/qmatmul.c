@@ -382,13 +382,15 @@ kq_act *kq_act_new(const void *X, int64_t M, int64_t K, int bf16, int kinds) {
 
 /* The entry points, per format: kq_<name>(W, N, K, X, M, Y, bf16, nthreads) = Y [M, N] = X [M, K] @ W^T (Y in X's
  * dtype), threads over output rows; kq_range_<name>(W, K, n0, n1, act, Y, ldy): rows n0..n1-1 only, fp32
- * Y[m * ldy + n - n0], one thread; kq_act_kind_<name>(): the activation form its kernel reads. */
+ * Y[m * ldy + n - n0], one thread, no checks; kq_act_kind_<name>(): the activation form its kernel reads;
+ * kq_block_<name>(): weights per block (K a multiple of it). */
 #define GGUF_ENTRY(NAME, QK, KIND)                                                                        \
     void kq_range_##NAME(const uint8_t *W, int64_t K, int64_t n0, int64_t n1, const kq_act *a, float *Y,  \
                          int64_t ldy) {                                                                 \
         range_##NAME(W, K, n0, n1, a, Y, ldy);                                                          \
     }                                                                                                   \
     int kq_act_kind_##NAME(void) { return KIND; }                                                       \
+    int kq_block_##NAME(void) { return QK; } /* K must be a multiple */                                 \
     int kq_##NAME(const uint8_t *W, int64_t N, int64_t K, const void *X, int64_t M, void *Y, int bf16,  \
                   int nthreads) {                                                                       \
         if (M < 1 || M > MMAX || K % QK) return -1;                                                     \

@@ -33,7 +33,8 @@ void kq_act_free(kq_act *);
     int kq_##NAME(const uint8_t *, int64_t, int64_t, const void *, int64_t, void *, int, int);         \
     int kq_rows_##NAME(const uint8_t *, int64_t, const int64_t *, int64_t, void *, int);                \
     void kq_range_##NAME(const uint8_t *, int64_t, int64_t, int64_t, const kq_act *, float *, int64_t); \
-    int kq_act_kind_##NAME(void);
+    int kq_act_kind_##NAME(void);                                                                       \
+    int kq_block_##NAME(void);
 KQ_DECL(q8_0)
 KQ_DECL(q4_0)
 KQ_DECL(mxfp4)
@@ -54,6 +55,7 @@ const gemm_fn GEMM[] = KQ_TABLE(kq_);
 const rows_fn ROWS[] = KQ_TABLE(kq_rows_);
 const range_fn RANGE[] = KQ_TABLE(kq_range_);
 int (*const KIND[])(void) = KQ_TABLE(kq_act_kind_);
+int (*const BLOCK[])(void) = KQ_TABLE(kq_block_);
 constexpr int64_t kFormats = sizeof(GEMM) / sizeof(GEMM[0]);
 
 // activations prepared once (kq_act_new), freed with the scope
@@ -121,6 +123,8 @@ at::Tensor qexperts(const at::Tensor &x, const at::Tensor &weights, const at::Te
     const int64_t T = x.size(0), D = x.size(1), k = idx.size(1), I = w1.size(1), E = w1.size(0);
     TORCH_CHECK(w3.size(1) == I && w2.size(1) == D && w3.size(0) == E && w2.size(0) == E,
                 "kimiq_cpu.qexperts: gate/up [E, I, .], down [E, D, .]");
+    TORCH_CHECK(D % BLOCK[f1]() == 0 && D % BLOCK[f3]() == 0 && I % BLOCK[f2]() == 0, "kimiq_cpu.qexperts: D=", D,
+                " or I=", I, " not a whole number of blocks");
     const bool bf16 = x.scalar_type() == at::kBFloat16;
     const int64_t esz = x.element_size();
     at::Tensor xc = x.contiguous(), ic = idx.contiguous(), wc = weights.contiguous();
