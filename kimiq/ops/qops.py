@@ -6,7 +6,8 @@
 ``csrc/qops.cpp`` wraps the kernels of ``csrc/qmatmul.c`` (GGUF formats) in three operators: a linear layer, a
 whole routed-expert MoE step for the chosen experts (one call per layer instead of three per expert), and an
 embedding lookup that dequantizes only the rows asked for.  ``csrc/kda_step.cpp`` adds one KDA decode step in place
-on the recurrent state (``kimiq.ops.kda.kda_decode_``).  Being C++ operators, inductor's C++ wrapper calls
+on the recurrent state (``kimiq.ops.kda.kda_decode_``), ``csrc/mla_decode.cpp`` MLA's absorbed decode attention in
+one pass over the latent cache (``KimiMLAAttention.decode``).  Being C++ operators, inductor's C++ wrapper calls
 them through the dispatcher without entering Python, which the Python custom ops of ``kimiq.quant.opaque`` cannot
 avoid (~15 µs a call, more than the kernel at the default model's width).  The library is compiled against the
 running torch on first use (~30 s; cached in ``$XDG_CACHE_HOME/kimiq/kernels``), never at import; without a C++
@@ -31,6 +32,8 @@ __all__ = ["available", "loaded", "FORMAT_ID"]
 FORMAT_ID = {name: i for i, name in enumerate(qmatmul.GGUF_KERNELS)}  # the order of qops.cpp's tables
 _SRC = Path(__file__).parent / "csrc" / "qops.cpp"
 _KDA_SRC = Path(__file__).parent / "csrc" / "kda_step.cpp"
+_MLA_SRC = Path(__file__).parent / "csrc" / "mla_decode.cpp"
+_CXX_SRCS = (_SRC, _KDA_SRC, _MLA_SRC)
 
 
 class _State:
@@ -53,13 +56,13 @@ def _build() -> Path:
     cxxflags = ["-O3", "-march=native", "-fPIC", "-fopenmp", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes]
     ldflags = ["-shared", "-fopenmp", *[f"-L{d}" for d in libdirs], *[f"-Wl,-rpath,{d}" for d in libdirs],
                "-lc10", "-ltorch_cpu", "-ltorch", "-lm"]
-    key = (_SRC.read_bytes() + _KDA_SRC.read_bytes() + qmatmul._SRC.read_bytes()
+    key = (b"".join(src.read_bytes() for src in _CXX_SRCS) + qmatmul._SRC.read_bytes()
            + " ".join([cc, cxx, torch.__version__, *cflags, *cxxflags, qmatmul._cpu_id()]).encode())
 
     def commands(tmp: Path) -> list[list[str]]:
-        obj, cpp_objs = str(tmp / "qmatmul.o"), [str(tmp / f"{src.stem}.o") for src in (_SRC, _KDA_SRC)]
+        obj, cpp_objs = str(tmp / "qmatmul.o"), [str(tmp / f"{src.stem}.o") for src in _CXX_SRCS]
         return [[cc, *cflags, "-c", str(qmatmul._SRC), "-o", obj],
-                *[[cxx, *cxxflags, "-c", str(src), "-o", o] for src, o in zip((_SRC, _KDA_SRC), cpp_objs)],
+                *[[cxx, *cxxflags, "-c", str(src), "-o", o] for src, o in zip(_CXX_SRCS, cpp_objs)],
                 [cxx, *cpp_objs, obj, "-o", str(tmp / "qops.so"), *ldflags]]
 
     return qmatmul.build_cached("qops", key, commands)
@@ -81,6 +84,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("kimiq_cpu::kda_step")
     def _(S, q, k, v, g, beta, scale):
         return S.new_empty(v.shape)
+
+    @torch.library.register_fake("kimiq_cpu::mla_decode")
+    def _(q, past, new, lengths, scale):
+        return q.new_empty(q.shape, dtype=torch.float32)
 
 
 def available() -> bool:

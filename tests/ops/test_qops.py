@@ -119,3 +119,31 @@ def test_kda_step_is_the_recurrence_in_place(dtype, monkeypatch):
         torch.testing.assert_close(S, S_ref, rtol=1e-5, atol=1e-5)
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(o.float(), o_ref[:, 0].float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_mla_decode_is_softmax_attention_over_the_cache(cache_dtype):
+    """kimiq_cpu::mla_decode (one pass, online softmax, rows split over threads) == softmax(scale q.c) . c over the
+    cached rows j < lengths[b] and the new row, as KimiMLAAttention.decode's einsums compute it."""
+    assert qops.available()
+    gen = torch.Generator().manual_seed(3)
+    B, H, D, L = 2, 5, 96, 700  # 5 heads: a group of 4 and one alone; 700 rows: several blocks and thread parts
+    q, past = torch.randn(B, H, D, generator=gen), torch.randn(B, L, D, generator=gen)
+    new = torch.randn(B, D, generator=gen)
+    lengths = torch.tensor([L, 333])
+    past = past.to(cache_dtype)
+    got = torch.ops.kimiq_cpu.mla_decode(q, past, new, lengths, 0.1)
+    c = past.float()
+    scores = torch.cat([torch.einsum("bhd,bld->bhl", q, c).masked_fill(
+        (torch.arange(L) >= lengths[:, None])[:, None], float("-inf")), (q * new[:, None]).sum(-1, keepdim=True)], -1)
+    p = (scores * 0.1).softmax(-1)
+    want = torch.einsum("bhl,bld->bhd", p[..., :L], c) + p[..., L:] * new[:, None]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for threads in (1, 2):  # the thread split changes the summation order only
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            torch.testing.assert_close(torch.ops.kimiq_cpu.mla_decode(q, past, new, lengths, 0.1), want, rtol=1e-5,
+                                       atol=1e-5)
+        finally:
+            torch.set_num_threads(old)
