@@ -148,3 +148,14 @@ def test_cli_generate_compile_gives_the_same_greedy_text(capsys):
     assert main(argv + ["--compile"]) == 0
     compiled = capsys.readouterr()
     assert compiled.out == eager.out and "compiled in" in compiled.err
+
+
+@pytest.mark.parametrize("rank", [64, 40])
+def test_decode_step_with_the_cpu_operators_any_latent_width(rank):
+    """With kimiq's C++ operators loaded, the step runs kda_step and mla_decode (latent width 64 + 16) or, where the
+    width is not a multiple of 16 (40 + 16), MLA's einsums, and matches the model either way."""
+    from kimiq.ops import qops
+
+    assert qops.available(), qops._State.error
+    model = random_model(ModelConfig.from_hf(dict(TWO_MLA_TWO_DENSE_HF, kv_lora_rank=rank)), seed=3)
+    _run(model, DecodeStep(model, compile=False), torch.float32, ragged=True)
