@@ -152,8 +152,8 @@ def test_cli_generate_compile_gives_the_same_greedy_text(capsys):
 
 @pytest.mark.parametrize("rank", [64, 40])
 def test_decode_step_with_the_cpu_operators_any_latent_width(rank):
-    """With kimiq's C++ operators loaded, the step runs kda_step and mla_decode (latent width 64 + 16) or, where the
-    width is not a multiple of 16 (40 + 16), MLA's einsums, and matches the model either way."""
+    """With kimiq's C++ operators loaded, the step runs kda_step and mla_decode, whose last 16 latent columns are
+    masked (width 64 + 16: none, 40 + 16 = 56: 8 of them), and matches the model either way."""
     from kimiq.ops import qops
 
     assert qops.available(), qops._State.error

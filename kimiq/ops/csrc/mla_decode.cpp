@@ -28,21 +28,24 @@ namespace {
 
 constexpr int64_t kBlock = 32;  // rows scored before their values are accumulated (32 x D floats stay in L2)
 
+#if defined(__AVX512F__)
+inline __mmask16 lanes(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
+#endif
+
 struct Partial {  // one thread's softmax state for all heads: running max, sum of exp, unnormalised output
     std::vector<float> m, s, acc;
 };
 
 // G heads (h0..h0+G-1) over one block of n rows: scores with G independent accumulator chains per row, the online
 // softmax update, then the rows accumulated into the G outputs (each row loaded once for the G heads)
+// (rows: the block's n rows, rs floats apart; any D: the last 16 columns are masked)
 template <int G>
-inline void block(const float *qb, int64_t h0, int64_t D, int64_t n, const float *rows, const char *pb, int64_t r0,
-                  int64_t rstride, float sc, Partial &st, float *sco) {
+inline void block(const float *qb, int64_t h0, int64_t D, int64_t n, const float *rows, int64_t rs, float sc,
+                  Partial &st, float *sco) {
     const float *qh[G];
     float *acc[G];
     for (int g = 0; g < G; g++) qh[g] = qb + (h0 + g) * D, acc[g] = st.acc.data() + (h0 + g) * D;
-    auto row_at = [&](int64_t i) {
-        return rows ? rows + i * D : reinterpret_cast<const float *>(pb) + (r0 + i) * rstride;
-    };
+    auto row_at = [&](int64_t i) { return rows + i * rs; };
     float mb[G];
     for (int g = 0; g < G; g++) mb[g] = st.m[h0 + g];
     for (int64_t i = 0; i < n; i++) {
@@ -51,9 +54,12 @@ inline void block(const float *qb, int64_t h0, int64_t D, int64_t n, const float
 #if defined(__AVX512F__)
         __m512 a[G];
         for (int g = 0; g < G; g++) a[g] = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 16) {  // D is a multiple of 16 (checked); G independent FMA chains
-            const __m512 cv = _mm512_loadu_ps(c + d);
-            for (int g = 0; g < G; g++) a[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qh[g] + d), cv, a[g]);
+        for (int64_t d = 0; d < D; d += 16) {  // G independent FMA chains; a masked last chunk when D % 16
+            const __mmask16 mk = lanes(D - d);
+            const __m512 cv = mk == 0xFFFF ? _mm512_loadu_ps(c + d) : _mm512_maskz_loadu_ps(mk, c + d);
+            for (int g = 0; g < G; g++)
+                a[g] = _mm512_fmadd_ps(mk == 0xFFFF ? _mm512_loadu_ps(qh[g] + d) : _mm512_maskz_loadu_ps(mk, qh[g] + d),
+                                       cv, a[g]);
         }
         for (int g = 0; g < G; g++) dot[g] = _mm512_reduce_add_ps(a[g]);
 #else
@@ -81,13 +87,14 @@ inline void block(const float *qb, int64_t h0, int64_t D, int64_t n, const float
     }
 #if defined(__AVX512F__)
     for (int64_t d = 0; d < D; d += 16) {  // the G outputs' 16 columns stay in registers over the block's rows
+        const __mmask16 mk = lanes(D - d);
         __m512 av[G];
-        for (int g = 0; g < G; g++) av[g] = _mm512_loadu_ps(acc[g] + d);
+        for (int g = 0; g < G; g++) av[g] = _mm512_maskz_loadu_ps(mk, acc[g] + d);
         for (int64_t i = 0; i < n; i++) {
-            const __m512 cv = _mm512_loadu_ps(row_at(i) + d);
+            const __m512 cv = _mm512_maskz_loadu_ps(mk, row_at(i) + d);
             for (int g = 0; g < G; g++) av[g] = _mm512_fmadd_ps(_mm512_set1_ps(sco[g * kBlock + i]), cv, av[g]);
         }
-        for (int g = 0; g < G; g++) _mm512_storeu_ps(acc[g] + d, av[g]);
+        for (int g = 0; g < G; g++) _mm512_mask_storeu_ps(acc[g] + d, mk, av[g]);
     }
 #else
     for (int64_t i = 0; i < n; i++) {
@@ -110,7 +117,6 @@ at::Tensor mla_decode(const at::Tensor &q, const at::Tensor &past, const at::Ten
     TORCH_CHECK(past.scalar_type() == at::kFloat || past.scalar_type() == at::kBFloat16, "kimiq_cpu.mla_decode: the "
                 "cache must be float32 or bfloat16");
     TORCH_CHECK(past.stride(2) == 1, "kimiq_cpu.mla_decode: cache rows must be contiguous");
-    TORCH_CHECK(D % 16 == 0, "kimiq_cpu.mla_decode: the latent width must be a multiple of 16, not ", D);
     const at::Tensor qf = q.to(at::kFloat).contiguous(), nf = new_.to(at::kFloat).contiguous(),
                      lc = lengths.contiguous();
     const bool bf16 = past.scalar_type() == at::kBFloat16;
@@ -136,20 +142,19 @@ at::Tensor mla_decode(const at::Tensor &q, const at::Tensor &past, const at::Ten
                 const int64_t r1 = std::min(len, (p + 1) * chunk);
                 for (int64_t r0 = p * chunk; r0 < r1; r0 += kBlock) {
                     const int64_t n = std::min(kBlock, r1 - r0);
-                    const float *rows;
+                    const float *rows = reinterpret_cast<const float *>(pb) + r0 * rstride;  // fp32: in place
+                    int64_t rs = rstride;
                     if (bf16) {  // widen the block's rows once
                         for (int64_t i = 0; i < n; i++) {
                             const c10::BFloat16 *src = reinterpret_cast<const c10::BFloat16 *>(pb) + (r0 + i) * rstride;
                             for (int64_t d = 0; d < D; d++) row[i * D + d] = static_cast<float>(src[d]);
                         }
-                        rows = row.data();
-                    } else {
-                        rows = nullptr;
+                        rows = row.data(), rs = D;
                     }
                     for (int64_t h0 = 0; h0 < H; h0 += 4) {
-                        if (H - h0 >= 4) block<4>(qb, h0, D, n, rows, pb, r0, rstride, sc, st, sco.data());
+                        if (H - h0 >= 4) block<4>(qb, h0, D, n, rows, rs, sc, st, sco.data());
                         else
-                            for (int64_t h = h0; h < H; h++) block<1>(qb, h, D, n, rows, pb, r0, rstride, sc, st, sco.data());
+                            for (int64_t h = h0; h < H; h++) block<1>(qb, h, D, n, rows, rs, sc, st, sco.data());
                     }
                 }
             }
