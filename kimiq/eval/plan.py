@@ -130,7 +130,7 @@ def weight_footprint(cfg: ModelConfig, recipe: str | None = None, *, dtype: str 
     None = the model dtype; ``formats``: an already-quantized checkpoint's ``quantization_config.formats``.
     Kept tensors are counted in ``dtype`` (default: the config's), ``keep_fp32`` ones in fp32."""
     from kimiq.model.model import keep_fp32
-    from kimiq.quant.modules import int4_repacked
+    from kimiq.quant.modules import int4_group, int4_repacked
     from kimiq.quant.recipes import KEEP, get_recipe, plan_bytes, tensor_specs
 
     dtype = str(dtype or cfg.dtype).removeprefix("torch.")
@@ -155,7 +155,7 @@ def weight_footprint(cfg: ModelConfig, recipe: str | None = None, *, dtype: str 
         deq = max(deq, N * K)
         if s.name.endswith("kv_b_proj.weight"):
             kv_b += N * K * e
-        group = 32 if fmt in ("q4_0", "q4_k") else int(fmt.split("-g")[1]) if fmt.startswith("affine4-g") else 0
+        group = int4_group(fmt)
         if group and N % 64 == 0 and int4_repacked(fmt):  # modules._int4_pack: uint8 [N, K/2] + bf16 [K/g, N, 2]
             repack += N * K // 2 + (K // group) * N * 4
         else:

@@ -141,7 +141,7 @@ def _cpu_path(rows: int, fmt: str, dtype: torch.dtype) -> str:
       GEMM_ROWS rows;
     * "dense": C dequantization, then a dense GEMM (prefill): above MAX_ROWS (from GEMM_ROWS for "int4")."""
     k8 = qmatmul.int8_activations(fmt) == 256
-    if _int4_format(fmt) and not k8:
+    if int4_group(fmt) and not k8:
         return "int4" if rows < qmatmul.GEMM_ROWS else "dense"
     if rows <= qmatmul.MAX_ROWS or (k8 and dtype == torch.float32):
         return "fused"
@@ -154,11 +154,14 @@ def int4_repacked(fmt: str) -> bool:
     return _cpu_path(1, fmt, torch.bfloat16) == "int4"
 
 
-def _int4_format(fmt: str) -> bool:
-    """4-bit affine-form formats: the ones ``_int4_pack`` can repack for torch's int4 kernel."""
+def int4_group(fmt: str) -> int:
+    """The group size of a 4-bit affine-form format (the ones ``_int4_pack`` can repack for torch's int4 kernel:
+    q4_0 / q4_k 32, affine4-g<g> g), else 0."""
     from .dequant import INT4_AFFINE
 
-    return fmt in INT4_AFFINE or fmt.startswith("affine4-g")
+    if fmt in INT4_AFFINE:
+        return 32
+    return int(fmt.split("-g")[1]) if fmt.startswith("affine4-g") else 0
 
 
 def _int4_ok(x: torch.Tensor) -> bool:
@@ -178,11 +181,10 @@ def _int4_pack(fmt: str, parts: Parts, K: int):
     from .affine import unpack_bits
     from .dequant import INT4_AFFINE, gguf_int4_affine
 
+    group = int4_group(fmt)
     if fmt in INT4_AFFINE:
         q, scale, zero = gguf_int4_affine(fmt, parts["weight"], K)
-        group = 32
-    elif fmt.startswith("affine4-g"):
-        group = int(fmt.split("-g")[1])
+    elif group:
         q = unpack_bits(parts["weight"], 4, K).to(torch.int32)
         scale = parts["scales"].float()
         zero = parts["biases"].float() + 8 * scale  # s*q + b = (q - 8)*s + (b + 8s)

@@ -164,7 +164,7 @@ at::Tensor qexperts(const at::Tensor &x, const at::Tensor &weights, const at::Te
             }
         }
         std::vector<std::unique_ptr<Act>> ah;
-        for (int64_t j = 0; j < k; j++) ah.emplace_back(new Act(h.data() + j * I, 1, I, false, KIND[f2]()));
+        for (int64_t j = 0; j < k; j++) ah.push_back(std::make_unique<Act>(h.data() + j * I, 1, I, false, KIND[f2]()));
         float *o = bf16 ? nullptr : out.data_ptr<float>() + t * D;
         c10::BFloat16 *ob = bf16 ? out.data_ptr<c10::BFloat16>() + t * D : nullptr;
         at::parallel_for(0, D, 64, [&](int64_t d0, int64_t d1) {
