@@ -37,6 +37,8 @@ import functools
 
 import torch
 
+from kimiq.ops import qops
+
 __all__ = ["naive_recurrent_kda", "recurrent_kda", "chunk_kda", "kda", "kda_decode_", "IMPLS"]
 
 IMPLS = ("torch", "compile", "naive", "fla")
@@ -178,8 +180,6 @@ def kda_decode_(S, q, k, v, g, beta, scale):
     returns o [B, H, V] in v's dtype.  On CPU with kimiq's C++ operators loaded (``kimiq.ops.qops``; never built
     here) the fused ``kimiq_cpu::kda_step`` (two passes over each head's state, the second from cache; the
     ``recurrent_kda`` graph reads and writes it four or five times), else ``recurrent_kda`` and a copy back."""
-    from kimiq.ops import qops
-
     if S.device.type == "cpu" and qops.loaded():
         return torch.ops.kimiq_cpu.kda_step(S, q, k, v, g, beta, scale).to(v.dtype)
     o, S_new = recurrent_kda(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], scale, S, True)
