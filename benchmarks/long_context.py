@@ -2,6 +2,7 @@
 
     python benchmarks/long_context.py                         # the embedded model, fp32, eager and compiled
     python benchmarks/long_context.py --contexts 1024 131072 --dtype bf16 --threads 1
+    python benchmarks/long_context.py --cache-dtype bf16     # fp32 model, bf16 latent cache (as llama.cpp's f16)
 
 KDA layers carry a constant-size state; MLA layers attend over a latent cache of (kv_lora_rank + rope)
 values per token, so decode reads ``mla_layers x context x (R + rope) x bytes`` of cache per token on top
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    ap.add_argument("--cache-dtype", choices=sorted(DTYPES), default=None,
+                    help="MLA latent cache dtype (default: the model dtype)")
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768, 131072])
     ap.add_argument("--prefill", type=int, default=1024, help="real prefill tokens before tiling (default 1024)")
     ap.add_argument("--gen", type=int, default=32, help="decode steps per repetition (default 32)")
@@ -73,9 +76,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     path = args.model or str(default_model_path())
     model = load_model(path, dtype=DTYPES[args.dtype]).eval()
+    model.cache_dtype = DTYPES[args.cache_dtype] if args.cache_dtype else None
     cfg = model.config
-    n_mla = sum(isinstance(s, MLAState) for s in model.new_state(1).layers)
-    per_tok = n_mla * cfg.mla.latent_dim * model.dtype.itemsize
+    caches = [s.latent for s in model.new_state(1).layers if isinstance(s, MLAState)]
+    n_mla, cache_dtype = len(caches), caches[0].dtype
+    per_tok = n_mla * cfg.mla.latent_dim * cache_dtype.itemsize
     prompt = torch.randint(0, cfg.vocab_size - 300, (1, args.prefill), generator=torch.Generator().manual_seed(0))
     steps = {"eager": model}
     if "compiled" in args.modes:
@@ -83,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     steps = {k: v for k, v in steps.items() if k in args.modes}
     if "compiled" in steps:
         steps["compiled"].warmup()
-    print(f"model {path}; {args.dtype}; threads {torch.get_num_threads()}; {n_mla} MLA layers x "
+    print(f"model {path}; {args.dtype}, cache {str(cache_dtype).removeprefix('torch.')}; "
+          f"threads {torch.get_num_threads()}; {n_mla} MLA layers x "
           f"{cfg.mla.latent_dim} cached values = {per_tok} B of cache per token of context; "
           f"{args.gen} steps x {args.reps} reps; {time.strftime('%Y-%m-%d %H:%M')}")
     print("\n| context | mode | decode ms/token | vs first context | cache read per token | peak RSS |\n"

@@ -43,6 +43,9 @@ def _add_model_args(p: argparse.ArgumentParser, model: bool = True) -> None:
                        "(config.json, safetensors shards + index, tiktoken.model); default: the embedded model")
     g.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="compute dtype; auto = fp32 on CPU for small models, else the checkpoint's (default: auto)")
+    g.add_argument("--cache-dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="MLA latent cache dtype; auto = the model dtype.  bf16 with an fp32 model halves the cache "
+                   "(as llama.cpp's f16 KV cache) and speeds decode at long context (default: auto)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     g.add_argument("--kda-impl", choices=("torch", "compile", "naive", "fla"), default="torch",
                    help="KDA kernel: torch (chunked/recurrent, any device), compile (the same, chunk step compiled "
@@ -103,6 +106,7 @@ def _load(args):
         dtype = torch.float32 if _small(path) else torch.bfloat16
     impl = "compile" if getattr(args, "compile", False) and args.kda_impl == "torch" else args.kda_impl
     model, tok = load(path, dtype=dtype, device=args.device, kda_impl=impl)
+    model.cache_dtype = _torch_dtype(getattr(args, "cache_dtype", "auto"))
     return model, tok
 
 
@@ -376,7 +380,8 @@ def _eval_kld(args) -> int:
         print(f"base: {base.source or args.base_logits} ({kept})")
     else:
         tokens, w = _window_tokens(args, tok)
-        base_model, _ = _load(argparse.Namespace(**{**vars(args), "model": args.base}))
+        # the base is the reference: --cache-dtype applies to the model measured, not to it
+        base_model, _ = _load(argparse.Namespace(**{**vars(args), "model": args.base, "cache_dtype": "auto"}))
         k = args.top_k if args.save_base_logits else None
         res = kld_vs_model(model, base_model, tokens, w, save_k=k, source=args.base, progress=_bar("kld", w.n))
         if args.save_base_logits:
@@ -580,6 +585,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    "'kimiq generate' does (default: full [chunk, vocab] logits per chunk, as 'kimiq eval')")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="model dtype (kept weights, activations, "
                    "caches); auto = as 'kimiq generate' picks it (fp32 on CPU for small models, else the config's)")
+    p.add_argument("--cache-dtype", choices=("auto", "fp32", "bf16"), default="auto", help="MLA latent cache "
+                   "dtype, as 'kimiq generate --cache-dtype'; auto = the model dtype (default: auto)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="whose memory the budget is: cpu "
                    "(RAM; math attention) or cuda (GPU; fused attention, modelled) (default: cpu)")
     p.add_argument("--table", action="store_true", help="also print the budget x recipe table (printed anyway "
@@ -598,12 +605,13 @@ def _plan(args) -> int:
     if args.dtype == "auto" and args.device == "cpu" and src.path is not None and _small(src.path):
         dtype = "float32"
     device = P.DEVICES[args.device]
+    cache_dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(args.cache_dtype, "")
 
     def planner(recipe):  # a float "recipe" (bf16 / f16 / f32) is the model dtype too
         dt = {2: "bfloat16" if recipe == "bf16" else "float16", 4: "float32"}[P.FLOAT_RECIPES[recipe]] \
             if recipe in P.FLOAT_RECIPES else dtype
         w = P.weight_footprint(src.cfg, recipe, dtype=dt, formats=src.formats, label=src.recipe)
-        return P.Planner(src.cfg, w, dt, device, args.chunk, src.label, args.last_only)
+        return P.Planner(src.cfg, w, dt, device, args.chunk, src.label, args.last_only, cache_dtype)
 
     main_planner = planner(args.recipe)
     budget = P.parse_size(args.memory) if args.memory else None
@@ -617,7 +625,8 @@ def _plan(args) -> int:
     if args.measure:
         if src.path is None or not args.context:
             raise ValueError("--measure needs a checkpoint directory and --context")
-        m = P.measure_prefill(src.path, args.context, args.chunk, args.batch, dtype, args.last_only)
+        m = P.measure_prefill(src.path, args.context, args.chunk, args.batch, dtype, args.last_only,
+                              cache_dtype=cache_dtype)
         pred = main_planner.plan(args.context, args.batch).model_bytes
         print(f"\nmeasured prefill peak (RSS over a warmed-up process, {m.method}): {m.peak / 2**20:.1f} MiB "
               f"in {m.seconds:.1f} s; predicted {pred / 2**20:.1f} MiB ({100 * (pred - m.peak) / m.peak:+.1f}%); "

@@ -17,7 +17,9 @@ Persistent (``../shared/reference/quantization-formats.md`` §7):
 * KDA state per row (``model.new_state``): per KDA layer a recurrent state fp32 [H, K, K] plus three conv tap
   buffers [P, W-1] in the model dtype (P = H*K, W = short_conv_kernel_size).  Independent of S.
 * MLA latent cache per row and token: per MLA layer (kv_lora_rank R + qk_rope_head_dim) values in the model
-  dtype, allocated for the full context up front (``new_state(B, capacity=S)``).
+  dtype, or ``Planner.cache_dtype`` (``model.cache_dtype``), allocated for the full context up front
+  (``new_state(B, capacity=S)``).  A cache in another dtype is read back per MLA layer as a model-dtype copy of
+  its S latents during prefill (a workspace term).
 
 Transient, at the peak = the last prefill chunk (largest S), each phase freed before the next layer runs:
 
@@ -180,12 +182,16 @@ def mla_bytes_per_token(cfg: ModelConfig, elem_bytes: int, *, separate_v: bool =
 
 
 # ----------------------------------------------------------------------------------------------- transient
-def attention_workspace(cfg: ModelConfig, batch: int, chunk: int, context: int, e: int, kind: str) -> int:
-    """Peak bytes of one MLA layer's expanded prefill: C new queries over S cached positions (module docstring)."""
+def attention_workspace(cfg: ModelConfig, batch: int, chunk: int, context: int, e: int, kind: str,
+                        cache_e: int | None = None) -> int:
+    """Peak bytes of one MLA layer's expanded prefill: C new queries over S cached positions (module docstring);
+    a cache in another dtype (``cache_e`` bytes a value) is read back as a model-dtype copy of its S latents."""
     m = cfg.mla
     B, C, S, H = batch, chunk, context, m.num_heads
     dqk, dv = m.qk_head_dim, m.v_head_dim
     kv = B * S * H * (m.qk_nope_head_dim + dv) * e + B * S * H * dqk * e  # kv_b_proj(c) [B,S,H,nope+v], k [B,S,H,qk]
+    if cache_e not in (None, e):
+        kv += B * S * m.latent_dim * e
     q = B * C * H * dqk * e
     mask = B * C * S  # bool [B, C, S]
     if kind == "flash":  # float bias, v padded to the q/k head dim, the padded output; no [B, H, C, S]
@@ -199,14 +205,15 @@ def attention_workspace(cfg: ModelConfig, batch: int, chunk: int, context: int, 
 
 
 def chunk_phases(cfg: ModelConfig, batch: int, chunk: int, context: int, e: int, attention: str,
-                 last_only: bool = False) -> dict[str, int]:
+                 last_only: bool = False, cache_e: int | None = None) -> dict[str, int]:
     """Transient bytes of each phase of a prefill chunk whose last position is ``context`` (residual included);
     ``last_only``: the head runs on each row's last position only (``model(..., last_only=True)``)."""
     N, D, V = batch * chunk, cfg.hidden_size, cfg.vocab_size
     resid = 3 * N * D * e
     rows = batch if last_only else N
     phases = {
-        "mla attention": attention_workspace(cfg, batch, chunk, context, e, attention) if cfg.mla_layers else 0,
+        "mla attention": attention_workspace(cfg, batch, chunk, context, e, attention, cache_e)
+        if cfg.mla_layers else 0,
         "kda chunk": N * cfg.kda.proj_dim * (3 * e + 40 + (4 if e < 4 else 0)) if cfg.kda_layers else 0,
         "lm_head": rows * V * e + (rows * V * 4 if e < 4 else 0),
     }
@@ -234,7 +241,7 @@ class MemoryPlan:
     chunk: int
     int4_repack: int  # CPU int4-kernel copies of 4-bit linears, on top of weights.nbytes
     kda_state: int  # all rows
-    mla_per_token: int  # one row, one token, model dtype
+    mla_per_token: int  # one row, one token, cache dtype (the model dtype unless Planner.cache_dtype)
     mla_cache: int  # all rows x context
     logits: int  # previous chunk's fp32 logits, held by the caller
     workspace: int  # the largest phase of the last chunk
@@ -292,18 +299,19 @@ class Planner:
     chunk: int = 512
     model: str = ""
     last_only: bool = False  # prefill keeps only each row's last logits (the engine's prefill), not [B, C, V]
+    cache_dtype: str = ""  # MLA latent cache dtype (model.cache_dtype); "" = the model dtype
 
     def plan(self, context: int, batch: int = 1) -> MemoryPlan:
-        e = dtype_bytes(self.dtype)
+        e, ce = dtype_bytes(self.dtype), dtype_bytes(self.cache_dtype or self.dtype)
         rec, conv = kda_state_bytes(self.cfg, e)
-        per_tok = mla_bytes_per_token(self.cfg, e)
+        per_tok = mla_bytes_per_token(self.cfg, ce)
         C = min(self.chunk, context)
         before = (context - 1) // C  # full chunks before the last one
         last = context - before * C  # the last chunk, 1..C tokens, ends at S
         # the peak is the last chunk or, when that one is short, the full chunk before it
         cands = [(last, context)] + ([(C, context - last)] if before and last < C else [])
         attention = self.device.attention
-        best = max((chunk_phases(self.cfg, batch, c, s, e, attention, self.last_only) for c, s in cands),
+        best = max((chunk_phases(self.cfg, batch, c, s, e, attention, self.last_only, ce) for c, s in cands),
                    key=lambda ph: max(ph.values()))
         w, int4 = self.weights, self.device.int4_kernel
         deq = w.max_dequant_cpu if int4 else w.max_dequant
@@ -423,7 +431,8 @@ def summary(p: Planner) -> str:
     cfg, e = p.cfg, dtype_bytes(p.dtype)
     rec, conv = kda_state_bytes(cfg, e)
     _, conv32 = kda_state_bytes(cfg, 4)
-    tok, tok16 = mla_bytes_per_token(cfg, e), mla_bytes_per_token(cfg, 2)
+    cache = p.cache_dtype or p.dtype
+    tok, tok16 = mla_bytes_per_token(cfg, dtype_bytes(cache)), mla_bytes_per_token(cfg, 2)
     kv16 = mla_bytes_per_token(cfg, 2, separate_v=True)
     return "\n".join([
         (f"model: {p.model} — {cfg.num_hidden_layers} layers ({len(cfg.kda_layers)} KDA + {len(cfg.mla_layers)} "
@@ -433,7 +442,7 @@ def summary(p: Planner) -> str:
          f"{p.weights.bits_per_weight:.2f} bpw)"),
         (f"KDA state per sequence: {_fmt(rec + conv)} = recurrent fp32 {_fmt(rec)} + conv taps {_fmt(conv)} "
          f"({p.dtype}); with fp32 taps (llama.cpp): {_fmt(rec + conv32)}"),
-        (f"MLA latent cache per token: {tok:,} B ({p.dtype}, as kimiq allocates it); {tok16:,} B at bf16/fp16 "
+        (f"MLA latent cache per token: {tok:,} B ({cache}, as kimiq allocates it); {tok16:,} B at bf16/fp16 "
          f"({tok16 * 2**20 / GiB:.3f} GiB per 2^20 tokens); llama.cpp separate K+V latents: {kv16:,} B"),
         *([("note: CPU prefill in bf16/fp16 also keeps oneDNN primitives and buffers per matmul shape (a new "
             "shape per chunk): not modelled, RSS measured 27-49% above this plan on the default model")]
@@ -480,10 +489,11 @@ class Measurement:
 
 
 def measure_prefill(model_dir: str | Path | None, context: int, chunk: int = 512, batch: int = 1,
-                    dtype: str = "float32", last_only: bool = False, timeout: float = 900) -> Measurement:
+                    dtype: str = "float32", last_only: bool = False, timeout: float = 900,
+                    cache_dtype: str = "") -> Measurement:
     """Run a chunked prefill of ``context`` random tokens in a fresh subprocess (CPU) and measure its peak RSS."""
     code = "import json, sys; from kimiq.eval.plan import _measure_child as m; print(json.dumps(m(*sys.argv[1:])))"
-    args = [str(model_dir or ""), str(context), str(chunk), str(batch), dtype, str(int(last_only))]
+    args = [str(model_dir or ""), str(context), str(chunk), str(batch), dtype, str(int(last_only)), cache_dtype]
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
                          check=False)
     if out.returncode != 0:
@@ -502,7 +512,8 @@ def _rss() -> tuple[int, int]:
         return 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _measure_child(model_dir: str, context: str, chunk: str, batch: str, dtype: str, last_only: str) -> dict:
+def _measure_child(model_dir: str, context: str, chunk: str, batch: str, dtype: str, last_only: str,
+                   cache_dtype: str = "") -> dict:
     import gc
     import time
 
@@ -529,6 +540,7 @@ def _measure_child(model_dir: str, context: str, chunk: str, batch: str, dtype: 
     base = _rss()[0] or _rss()[1]
     t0 = time.perf_counter()
     model, _ = load(model_dir or None, dtype=getattr(torch, dtype))
+    model.cache_dtype = getattr(torch, cache_dtype) if cache_dtype else None
     after_load = _rss()[0]
     ids = torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

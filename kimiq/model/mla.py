@@ -100,23 +100,25 @@ class KimiMLAAttention(nn.Module):
         entries (slot j of row b valid for j < lengths[b]); returns (y [B, 1, D], the new entries [B, 1, R + rope]
         for the caller to store at ``lengths``).  The absorbed form, with the new token's score and value kept
         apart so ``past`` is only read (no cat of the cache); the compiled decode step runs this.  On CPU with
-        kimiq's C++ operators loaded, the attention over the cache is ``kimiq_cpu::mla_decode`` (one pass, online
-        softmax, fp32: 128k context 53 -> 20 ms a token on the default model), else the einsums below."""
+        kimiq's C++ operators loaded and an fp32 or bf16 cache, the attention over the cache is
+        ``kimiq_cpu::mla_decode`` (one pass, online softmax, fp32 accumulation), else the einsums below."""
         B, L = x.shape[0], past.shape[1]
         H = self.num_heads
         q = self.q_proj(x).view(B, H, self.nope + self.rope)
         new = self.latent(x)  # [B, 1, R + rope]
+        if past.dtype != new.dtype:  # a cache in another dtype (model.cache_dtype): attend to the entry as stored
+            new = new.to(past.dtype).to(new.dtype)
         w_uk, w_uv = split_kv_b(self.kv_b_proj.weight, H, self.nope, self.v_dim)  # [H, nope, R], [H, v, R]
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         q_lat = torch.cat([torch.einsum("bhn,hnr->bhr", q_nope, w_uk), q_pe], dim=-1)  # [B, H, R + rope]
-        if x.device.type == "cpu" and qops.loaded():  # one pass over the cache
-            o_lat = torch.ops.kimiq_cpu.mla_decode(q_lat, past, new[:, 0], lengths, self.scale).to(x.dtype)
-            o = torch.einsum("bhr,hvr->bhv", o_lat[..., : self.rank], w_uv)  # [B, H, v]
+        if x.device.type == "cpu" and qops.loaded() and past.dtype in (torch.float32, torch.bfloat16):  # one pass
+            o_lat = torch.ops.kimiq_cpu.mla_decode(q_lat, past, new[:, 0], lengths, self.scale, self.rank)  # [B, H, R]
+            o = torch.einsum("bhr,hvr->bhv", o_lat.to(x.dtype), w_uv)  # [B, H, v]
             return self.o_proj(o.reshape(B, 1, H * self.v_dim)), new
         # one product over whole (contiguous) cache rows: q_lat . c + q_pe . k_pe
         # half-precision batched matmuls over the cache are slow on CPU (bf16 [4, 288] x [288, 550]: 330 µs, fp32 MKL
         # ~10x less); compiled, they become one fused multiply-reduce with fp32 accumulation instead
-        fused = torch.compiler.is_compiling() and x.dtype != torch.float32
+        fused = torch.compiler.is_compiling() and (x.dtype != torch.float32 or past.dtype != x.dtype)
         if fused:
             s_past = (q_lat.float().unsqueeze(2) * past.unsqueeze(1).float()).sum(-1)  # [B, H, L]
         else:

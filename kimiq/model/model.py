@@ -79,6 +79,11 @@ class _Backbone(nn.Module):
 
 
 class KimiLinearForCausalLM(nn.Module):
+    # dtype of the MLA latent caches ``new_state`` allocates; None = the model dtype.  bf16 for an fp32 model halves
+    # the cache (llama.cpp's default KV cache is f16 whatever the weights) and speeds long-context decode; cached
+    # latents are rounded once, attention still computes in the model dtype (fp32 accumulation in mla_decode)
+    cache_dtype: torch.dtype | None = None
+
     def __init__(self, cfg: ModelConfig, *, kda_impl: str = "torch"):
         super().__init__()
         self.config = cfg
@@ -103,11 +108,14 @@ class KimiLinearForCausalLM(nn.Module):
         return self
 
     # ------------------------------------------------------------------ state
-    def new_state(self, batch_size: int, capacity: int = 0, device: torch.device | None = None) -> ModelState:
-        """Empty state for ``batch_size`` rows; MLA caches pre-sized to ``capacity`` tokens (grow on demand)."""
+    def new_state(self, batch_size: int, capacity: int = 0, device: torch.device | None = None,
+                  cache_dtype: torch.dtype | None = None) -> ModelState:
+        """Empty state for ``batch_size`` rows; MLA caches pre-sized to ``capacity`` tokens (grow on demand), in
+        ``cache_dtype`` (default: ``self.cache_dtype``, else the model dtype)."""
         cfg = self.config
         device = device or self.device
         dt = self.dtype
+        cache_dt = cache_dtype or self.cache_dtype or dt
         P, H, K = cfg.kda.proj_dim, cfg.kda.num_heads, cfg.kda.head_dim
         W = cfg.kda.short_conv_kernel_size
         layers: list[KDAState | MLAState] = []
@@ -122,7 +130,8 @@ class KimiLinearForCausalLM(nn.Module):
                     )
                 )
             else:
-                layers.append(MLAState(torch.zeros(batch_size, capacity, cfg.mla.latent_dim, dtype=dt, device=device)))
+                latent = torch.zeros(batch_size, capacity, cfg.mla.latent_dim, dtype=cache_dt, device=device)
+                layers.append(MLAState(latent))
         return ModelState(layers, torch.zeros(batch_size, dtype=torch.long, device=device))
 
     # ------------------------------------------------------------------ forward

@@ -8,7 +8,8 @@ One object per layer plus per-row lengths:
   ``recurrent: [B, H, K, V]`` (K-first layout, as fla), **always fp32**.
 * ``MLAState`` (full-attention layers): the latent cache ``latent: [B, capacity, R + P]``
   (normalised ``c`` of width kv_lora_rank R, then the shared, never-rotated key slice of
-  width qk_rope_head_dim P), model dtype.  Slots at and beyond a row's length are garbage
+  width qk_rope_head_dim P), in the model dtype or the model's ``cache_dtype`` (bf16 for an fp32 model halves
+  it; written rounded, read back widened).  Slots at and beyond a row's length are garbage
   and never attended to.
 * ``ModelState.lengths: [B]`` (int64): tokens consumed per row.  Rows may differ; a forward
   call takes right-padded input plus ``n_valid[B]``.

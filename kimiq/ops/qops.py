@@ -86,8 +86,8 @@ def _register_fakes() -> None:
         return S.new_empty(v.shape)
 
     @torch.library.register_fake("kimiq_cpu::mla_decode")
-    def _(q, past, new, lengths, scale):
-        return q.new_empty(q.shape, dtype=torch.float32)
+    def _(q, past, new, lengths, scale, value_dim):
+        return q.new_empty(*q.shape[:2], value_dim, dtype=torch.float32)
 
 
 def available() -> bool:

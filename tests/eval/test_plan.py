@@ -86,12 +86,14 @@ def test_48b_plan_and_budget(real):
 
 
 # ---------------------------------------------------------------------------------------------- engine agreement
+@pytest.mark.parametrize("cache", ["", "bfloat16"], ids=["cache-model-dtype", "cache-bf16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_state_bytes_equal_the_engines_allocation(default_cfg, dtype):
+def test_state_bytes_equal_the_engines_allocation(default_cfg, dtype, cache):
     with torch.device("meta"):
         model = KimiLinearForCausalLM(default_cfg).to_dtype(dtype)
+    model.cache_dtype = getattr(torch, cache) if cache else None
     name = "float32" if dtype == torch.float32 else "bfloat16"
-    p = Planner(default_cfg, weight_footprint(default_cfg, dtype=name), name)
+    p = Planner(default_cfg, weight_footprint(default_cfg, dtype=name), name, cache_dtype=cache)
     for batch, ctx in [(1, 100), (3, 4096)]:
         state = model.new_state(batch, capacity=ctx)
         plan = p.plan(ctx, batch)
@@ -157,10 +159,11 @@ def test_cli_48b(capsys):
 
 
 # ---------------------------------------------------------------------------------------------- measured
-def _check(context: int, chunk: int) -> None:
+def _check(context: int, chunk: int, cache_dtype: str = "") -> None:
     cfg = ModelConfig.from_file(default_model_path())
-    m = measure_prefill(None, context, chunk, dtype="float32")
-    pred = Planner(cfg, weight_footprint(cfg, dtype="float32"), "float32", DEVICES["cpu"], chunk).plan(context)
+    m = measure_prefill(None, context, chunk, dtype="float32", cache_dtype=cache_dtype)
+    pred = Planner(cfg, weight_footprint(cfg, dtype="float32"), "float32", DEVICES["cpu"], chunk,
+                   cache_dtype=cache_dtype).plan(context)
     err = (pred.model_bytes - m.peak) / m.peak
     assert abs(err) < 0.15, f"predicted {pred.model_bytes / MiB:.1f} MiB, measured {m.peak / MiB:.1f} MiB"
     assert m.state == pred.kda_state + pred.mla_cache
@@ -170,6 +173,11 @@ def test_prediction_matches_measured_prefill_peak():
     """4k tokens in 4 chunks of 1024: weights 57 MiB, MLA attention workspace ~46 MiB, logits 16 MiB, allocator
     slack at its 16 MiB floor (at 2k the measured peak varies by ~15 MiB from run to run: too noisy for 15%)."""
     _check(4096, 1024)
+
+
+def test_prediction_matches_measured_prefill_peak_bf16_cache():
+    """An fp32 model with a bf16 latent cache: half the cache, plus the fp32 copy each MLA layer reads back."""
+    _check(4096, 1024, "bfloat16")
 
 
 @pytest.mark.slow

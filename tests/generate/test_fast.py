@@ -159,3 +159,28 @@ def test_decode_step_with_the_cpu_operators_any_latent_width(rank):
     assert qops.available(), qops._State.error
     model = random_model(ModelConfig.from_hf(dict(TWO_MLA_TWO_DENSE_HF, kv_lora_rank=rank)), seed=3)
     _run(model, DecodeStep(model, compile=False), torch.float32, ragged=True)
+
+
+def test_bf16_cache_for_an_fp32_model():
+    """model.cache_dtype = bf16: new_state allocates bf16 latent caches (half the bytes), the compiled step (with the
+    C++ operators: mla_decode over a bf16 cache, fp32 queries) matches the forward over the same cache, and the
+    logits move from the fp32-cache ones by bf16 rounding only."""
+    from kimiq.ops import qops
+
+    assert qops.available(), qops._State.error
+    model = random_model(ModelConfig.from_hf(TWO_MLA_TWO_DENSE_HF), seed=6)
+    full = model.new_state(1, capacity=64)
+    model.cache_dtype = torch.bfloat16
+    half = model.new_state(1, capacity=64)
+    mla = [i for i, s in enumerate(half.layers) if not isinstance(s, KDAState)]
+    assert mla and all(half.layers[i].latent.dtype == torch.bfloat16 for i in mla)
+    assert full.nbytes - half.nbytes == sum(full.layers[i].latent.nbytes // 2 for i in mla)
+    step = DecodeStep(model)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        _run(model, step, torch.bfloat16, ragged=True)  # bf16: the tolerances of a rounded cache (bf16 dots too)
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        a = model(ids, model.new_state(1, cache_dtype=torch.float32))
+        b = model(ids, model.new_state(1))
+    assert 0 < float((a - b).abs().max()) <= TOL[torch.bfloat16]

@@ -121,30 +121,47 @@ def test_kda_step_is_the_recurrence_in_place(dtype, monkeypatch):
         torch.testing.assert_close(o.float(), o_ref[:, 0].float(), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("D", [96, 56])  # 56: a masked last chunk of 16 columns
+@pytest.mark.parametrize("D,Dv", [(96, 64), (56, 56), (288, 256), (40, 17)])  # masked last chunks: 56, 40, 17
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
-def test_mla_decode_is_softmax_attention_over_the_cache(cache_dtype, D):
-    """kimiq_cpu::mla_decode (one pass, online softmax, rows split over threads) == softmax(scale q.c) . c over the
-    cached rows j < lengths[b] and the new row, as KimiMLAAttention.decode's einsums compute it."""
+def test_mla_decode_is_softmax_attention_over_the_cache(cache_dtype, D, Dv):
+    """kimiq_cpu::mla_decode (one pass, online softmax, rows split over threads) == softmax(scale q.c) . c[:Dv] over
+    the cached rows j < lengths[b] and the new row, as KimiMLAAttention.decode's einsums compute it.  A bf16 cache
+    may use bf16 dot products (q and the weights rounded to bf16): tolerance 2e-3 there, 1e-5 in fp32."""
     assert qops.available()
     gen = torch.Generator().manual_seed(3)
     B, H, L = 2, 5, 700  # 5 heads: a group of 4 and one alone; 700 rows: several blocks and thread parts
     q, past = torch.randn(B, H, D, generator=gen), torch.randn(B, L, D, generator=gen)
     new = torch.randn(B, D, generator=gen)
-    lengths = torch.tensor([L, 333])
+    lengths = torch.tensor([L, 333])  # 333: odd, a last block of 13 rows
     past = past.to(cache_dtype)
-    got = torch.ops.kimiq_cpu.mla_decode(q, past, new, lengths, 0.1)
     c = past.float()
     scores = torch.cat([torch.einsum("bhd,bld->bhl", q, c).masked_fill(
         (torch.arange(L) >= lengths[:, None])[:, None], float("-inf")), (q * new[:, None]).sum(-1, keepdim=True)], -1)
     p = (scores * 0.1).softmax(-1)
-    want = torch.einsum("bhl,bld->bhd", p[..., :L], c) + p[..., L:] * new[:, None]
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for threads in (1, 2):  # the thread split changes the summation order only
+    want = torch.einsum("bhl,bld->bhd", p[..., :L], c[..., :Dv]) + p[..., L:] * new[:, None, :Dv]
+    tol = 1e-5 if cache_dtype == torch.float32 else 2e-3  # bf16 dot products: measured max error 2.2e-4
+    for threads in (None, 1, 2):  # the thread split changes the summation order only
         old = torch.get_num_threads()
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads or old)
         try:
-            torch.testing.assert_close(torch.ops.kimiq_cpu.mla_decode(q, past, new, lengths, 0.1), want, rtol=1e-5,
-                                       atol=1e-5)
+            got = torch.ops.kimiq_cpu.mla_decode(q, past, new, lengths, 0.1, Dv)
+            assert got.shape == (B, H, Dv)
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
         finally:
             torch.set_num_threads(old)
+
+
+def test_mla_decode_sharp_softmax_underflows_to_zero_weights():
+    """Scores hundreds apart (weights like exp(-300): 0, not NaN, in the operator's own exp) still give softmax
+    attention."""
+    assert qops.available()
+    gen = torch.Generator().manual_seed(4)
+    q, past, new = torch.randn(1, 4, 96, generator=gen), torch.randn(1, 300, 96, generator=gen), torch.randn(1, 96)
+    scale = 8.0
+    scores = torch.cat([torch.einsum("bhd,bld->bhl", q, past), (q * new[:, None]).sum(-1, keepdim=True)], -1)
+    assert float(scores.max() - scores.min()) * scale > 300
+    p = (scores * scale).softmax(-1)
+    want = torch.einsum("bhl,bld->bhd", p[..., :300], past) + p[..., 300:] * new[:, None]
+    got = torch.ops.kimiq_cpu.mla_decode(q, past, new, torch.tensor([300]), scale, 96)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
