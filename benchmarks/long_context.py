@@ -10,7 +10,10 @@ of the weights.  The state "after N tokens" is built as follows, because prefill
 takes many minutes and decode cost does not depend on what the cache holds: a real prefill of the first
 ``--prefill`` tokens, whose MLA latents are then tiled to fill N slots and ``lengths`` set to N (the KDA
 state is the real one).  The table shows median ms/token over ``--gen`` steps x ``--reps``, the ratio to
-the shortest context, the cache bytes per token read, and the process's peak RSS.
+the shortest context, the cache bytes per token read, the time that read takes at the read bandwidth measured
+in the same run (a sum over 256 MiB, best of 5, same threads), the step "bound" = shortest-context step + that
+read time (what an engine that only adds the cache read to the short-context step would take) and the ratio
+to it, and the process's peak RSS.
 """
 
 from __future__ import annotations
@@ -42,6 +45,18 @@ def state_at(model, context: int, prefill: torch.Tensor, extra: int):
             s.latent[:, :context] = s.latent[:, :n].repeat(1, reps, 1)[:, :context]
     state.lengths.fill_(context)
     return state
+
+
+def read_bandwidth(nbytes: int = 256 * 2**20, reps: int = 5) -> float:
+    """Bytes per second one pass of reading memory takes (torch.sum over a tensor far larger than the caches)."""
+    x = torch.ones(nbytes // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
 
 
 @torch.inference_mode()
@@ -88,21 +103,25 @@ def main(argv: list[str] | None = None) -> None:
     steps = {k: v for k, v in steps.items() if k in args.modes}
     if "compiled" in steps:
         steps["compiled"].warmup()
+    bw = read_bandwidth()
     print(f"model {path}; {args.dtype}, cache {str(cache_dtype).removeprefix('torch.')}; "
           f"threads {torch.get_num_threads()}; {n_mla} MLA layers x "
           f"{cfg.mla.latent_dim} cached values = {per_tok} B of cache per token of context; "
-          f"{args.gen} steps x {args.reps} reps; {time.strftime('%Y-%m-%d %H:%M')}")
-    print("\n| context | mode | decode ms/token | vs first context | cache read per token | peak RSS |\n"
-          "|---:|---|---:|---:|---:|---:|")
+          f"{args.gen} steps x {args.reps} reps; read bandwidth {bw / 1e9:.1f} GB/s; "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print("\n| context | mode | decode ms/token | vs first context | cache read per token | read time | bound "
+          "(first + read) | vs bound | peak RSS |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     first: dict[str, float] = {}
     for ctx in args.contexts:
         state = state_at(model, ctx, prompt, args.gen + 1)
         for mode, step in steps.items():
             ms = statistics.median(decode_ms(step, state, args.gen, args.reps))
+            read_ms = 1000 * ctx * per_tok / bw
             first.setdefault(mode, ms)
+            bound = first[mode] + read_ms
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             print(f"| {ctx:,} | {mode} | {ms:.2f} | {ms / first[mode]:.2f}x | {ctx * per_tok / 2**20:.1f} MiB | "
-                  f"{rss:.0f} MiB |", flush=True)
+                  f"{read_ms:.2f} | {bound:.2f} | {ms / bound:.2f}x | {rss:.0f} MiB |", flush=True)
         del state
 
 

@@ -5,7 +5,10 @@
 
 Per precision the same weights go to every engine: llama.cpp reads kimiq's GGUF export (``kimiq export
 --gguf``; for q4_k_m / mxfp4_moe the very blocks kimiq runs), transformers loads the checkpoint directory
-(fp32 / bf16 only: it has no GGUF path for this architecture).  Each repetition runs a prefill of
+(fp32 / bf16 only: it has no GGUF path for this architecture).  kimiq runs fp32 / bf16 as its model dtype and
+the quantized precisions with ``--quant-dtype`` activations (fp32 by default, as llama.cpp and as ``kimiq
+generate`` picks for a small model on CPU; until 2026-12-03 they ran with bf16 activations, which only CPUs with
+AVX512-BF16 compute quickly).  Each repetition runs a prefill of
 ``--prompt`` tokens into a fresh state, then ``--gen`` single-token decode steps (the same fixed token
 ids in every engine, no sampling); kimiq prefills with the compiled KDA chunk step and decodes with its
 compiled step (``DecodeStep``, ``--mode max-autotune`` by default; the compile time is printed) unless
@@ -32,14 +35,17 @@ from kimiq.generate.fast import DecodeStep
 from kimiq.model.weights import load_model
 from kimiq.quant.modules import quantize
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GGUF_TYPE = {"fp32": "f32", "bf16": "bf16", "q8_0": "q8_0", "q4_k_m": "q4_k_m", "mxfp4_moe": "mxfp4_moe"}
 
 
 class Kimiq:
     name = "kimiq"
 
-    def __init__(self, path: str, precision: str, compile: bool = True, mode: str = "max-autotune"):
-        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    def __init__(self, path: str, precision: str, compile: bool = True, mode: str = "max-autotune",
+                 quant_dtype: torch.dtype = torch.float32):
+        # fp32 / bf16: the model dtype; quantized: the activation (model) dtype around the quantized weights
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision, quant_dtype)
         # compiled: the KDA chunk step for prefill (kda_impl="compile") and the whole decode step, both built on
         # the warm-up run
         self.model = load_model(path, dtype=dtype, kda_impl="compile" if compile else "torch").eval()
@@ -108,7 +114,7 @@ class Transformers:
 
 
 def _engines(path: str, precision: str, args, workdir: Path) -> list:
-    out = [Kimiq(path, precision, args.compile, args.mode)]
+    out = [Kimiq(path, precision, args.compile, args.mode, DTYPES[args.quant_dtype])]
     if args.compile:
         print(f"  kimiq {precision}: decode step compiled (mode {args.mode}) in {out[0].compile_s:.0f} s", flush=True)
     try:
@@ -139,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
                     "the compiled KDA chunk step (prefill) and decode step (kimiq.generate.fast)")
     ap.add_argument("--mode", choices=DecodeStep.MODES, default="max-autotune", help="the decode step's compile "
                     "mode (default max-autotune: C++ GEMM templates and wrapper, ~1 min to compile per precision)")
+    ap.add_argument("--quant-dtype", choices=sorted(DTYPES), default="fp32", help="kimiq's activation dtype for the "
+                    "quantized precisions (default fp32: what 'kimiq generate' picks for a small model on CPU, and "
+                    "llama.cpp's activations; bf16 needs AVX512-BF16 to be fast)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -148,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     ids = torch.randint(0, cfg_vocab - 300, (args.prompt + args.gen,), generator=g).tolist()  # below the specials
     prompt, gen = ids[: args.prompt], ids[args.prompt:]
     mode = f"compiled ({args.mode})" if args.compile else "eager"
-    print(f"model {path}; CPU threads {torch.get_num_threads()}; kimiq decode {mode}; "
+    print(f"model {path}; CPU threads {torch.get_num_threads()}; kimiq decode {mode}, quantized precisions with "
+          f"{args.quant_dtype} activations; "
           f"prompt {args.prompt}, decode {args.gen}, "
           f"{args.reps} interleaved reps; {time.strftime('%Y-%m-%d %H:%M')}")
     rows = []

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kimiq.cli import main
 from kimiq.model.weights import save_checkpoint
@@ -33,6 +34,24 @@ def test_generate_greedy_is_deterministic(ckpt, capsys):
         outs.append(cap.out)
         assert "tok/s" in cap.err and "finish: length" in cap.err
     assert outs[0] == outs[1] and outs[0].startswith("def f(x):")
+
+
+def test_generate_with_a_bf16_cache(ckpt, capsys, monkeypatch):
+    """--cache-dtype bf16: the states generation makes hold bf16 latent caches (the model itself stays fp32)."""
+    from kimiq.model.model import KimiLinearForCausalLM
+    from kimiq.model.state import MLAState
+
+    seen, new_state = [], KimiLinearForCausalLM.new_state
+
+    def spy(self, *a, **k):
+        st = new_state(self, *a, **k)
+        seen.extend((self.dtype, s.latent.dtype) for s in st.layers if isinstance(s, MLAState))
+        return st
+
+    monkeypatch.setattr(KimiLinearForCausalLM, "new_state", spy)
+    assert main(["generate", "-m", str(ckpt), "-p", "def f(x):", "-n", "8", "--cache-dtype", "bf16"]) == 0
+    assert capsys.readouterr().out.startswith("def f(x):")
+    assert seen and set(seen) == {(torch.float32, torch.bfloat16)}
 
 
 def test_generate_sampling_seeded_and_stop_string(ckpt, capsys):

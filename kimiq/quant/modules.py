@@ -18,6 +18,9 @@ computes.  ``checkpoint_tensor(model, name)`` reads any checkpoint tensor back a
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -135,17 +138,31 @@ def _cpu_path(rows: int, fmt: str, dtype: torch.dtype) -> str:
 
     * "fused": kimiq's dequantize-matmul kernels on the stored blocks (``qmatmul``), up to MAX_ROWS rows; with no
       row limit for formats whose kernel quantizes activations to int8 per 256 (Q4_K / Q6_K on VNNI builds) in
-      fp32, where a dense fp32 GEMM stays ~3x slower even at 128 rows.  Q4_K there beats torch's int4 kernel at
-      every row count (1 row, 2304x1024: 34 vs 64 µs, 4 rows: 81 vs 115) and needs no repack.
+      fp32 where torch's fp32 GEMM is slow (MKL on an AMD CPU, ``_fp32_gemm_fast``: ~3x slower than the int8
+      kernel even at 128 rows on the EPYC; on a 2-core Ice Lake Xeon the other way round, 256x256 Q4_K at 512 rows:
+      fused 1.2-1.6 ms, dense 0.56-0.62 ms, crossover 8-16 rows).  Q4_K there beats torch's int4 kernel at every
+      row count (1 row, 2304x1024: 34 vs 64 µs, 4 rows: 81 vs 115) and needs no repack.
     * "int4": torch's int4 kernel on a repack made at first use (4-bit affine-form formats otherwise), below
       GEMM_ROWS rows;
     * "dense": C dequantization, then a dense GEMM (prefill): above MAX_ROWS (from GEMM_ROWS for "int4")."""
     k8 = qmatmul.int8_activations(fmt) == 256
     if int4_group(fmt) and not k8:
         return "int4" if rows < qmatmul.GEMM_ROWS else "dense"
-    if rows <= qmatmul.MAX_ROWS or (k8 and dtype == torch.float32):
+    if rows <= qmatmul.MAX_ROWS or (k8 and dtype == torch.float32 and not _fp32_gemm_fast()):
         return "fused"
     return "dense"
+
+
+@functools.cache
+def _fp32_gemm_fast() -> bool:
+    """Whether torch's fp32 GEMM runs MKL's fast code paths here: an MKL build on an Intel CPU (read once, at first
+    use, from /proc/cpuinfo; elsewhere assumed slow, which keeps the int8 kernels)."""
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        return "GenuineIntel" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 def int4_repacked(fmt: str) -> bool:

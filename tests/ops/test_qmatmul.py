@@ -147,12 +147,14 @@ def test_prefill_sized_inputs_take_the_dense_gemm(monkeypatch):
 
 def test_cpu_path_by_format_rows_and_dtype():
     """The kernel choice in modules._cpu_path (measured crossovers; see its docstring)."""
-    from kimiq.quant.modules import _cpu_path
+    from kimiq.quant.modules import _cpu_path, _fp32_gemm_fast
 
     bf, f32, k8 = torch.bfloat16, torch.float32, qmatmul.int8_activations("q4_k") == 256
     assert _cpu_path(1, "q6_k", bf) == _cpu_path(qmatmul.MAX_ROWS, "q8_0", f32) == "fused"
     assert _cpu_path(qmatmul.MAX_ROWS + 1, "q8_0", f32) == _cpu_path(qmatmul.GEMM_ROWS, "q4_0", bf) == "dense"
     assert _cpu_path(1, "q4_0", bf) == _cpu_path(1, "affine4-g64", f32) == "int4"
     assert _cpu_path(1, "q4_k", bf) == ("fused" if k8 else "int4")  # Q4_K's VNNI kernel beats torch's int4 one
-    assert _cpu_path(512, "q4_k", f32) == ("fused" if k8 else "dense")  # the fp32 GEMM is the slower one
+    # the int8 kernel where the fp32 GEMM is the slower one (MKL on AMD), else the GEMM
+    assert _cpu_path(512, "q4_k", f32) == ("fused" if k8 and not _fp32_gemm_fast() else "dense")
+    assert _cpu_path(qmatmul.MAX_ROWS, "q4_k", f32) == ("fused" if k8 else "int4")
     assert _cpu_path(512, "q4_k", bf) == "dense"
