@@ -22,9 +22,7 @@ from kimiq import default_model_path
 from kimiq.generate.fast import DecodeStep
 from kimiq.model.weights import load_model
 
-from long_context import state_at  # noqa: E402 (benchmarks/, the script's directory, is on sys.path)
-
-CACHE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from long_context import DTYPES, state_at  # benchmarks/, the script's directory, is on sys.path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| context | fp32 cache ms/token | bf16 cache ms/token | bf16 / fp32 |\n|---:|---:|---:|---:|")
     for ctx in args.contexts:
         states = {}
-        for name, dt in CACHE.items():
+        for name, dt in DTYPES.items():
             model.cache_dtype = dt
             states[name] = state_at(model, ctx, prompt, args.gen + 1)
         model.cache_dtype = None

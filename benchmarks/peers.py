@@ -45,7 +45,7 @@ class Kimiq:
     def __init__(self, path: str, precision: str, compile: bool = True, mode: str = "max-autotune",
                  quant_dtype: torch.dtype = torch.float32):
         # fp32 / bf16: the model dtype; quantized: the activation (model) dtype around the quantized weights
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision, quant_dtype)
+        dtype = DTYPES.get(precision, quant_dtype)
         # compiled: the KDA chunk step for prefill (kda_impl="compile") and the whole decode step, both built on
         # the warm-up run
         self.model = load_model(path, dtype=dtype, kda_impl="compile" if compile else "torch").eval()

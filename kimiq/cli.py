@@ -601,11 +601,12 @@ def _plan(args) -> int:
     from kimiq.eval import plan as P
 
     src = P.resolve_source(args.model, args.config)
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(args.dtype, src.cfg.dtype)
+    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --dtype / --cache-dtype -> torch names
+    dtype = names.get(args.dtype, src.cfg.dtype)
     if args.dtype == "auto" and args.device == "cpu" and src.path is not None and _small(src.path):
         dtype = "float32"
     device = P.DEVICES[args.device]
-    cache_dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(args.cache_dtype, "")
+    cache_dtype = names.get(args.cache_dtype, "")
 
     def planner(recipe):  # a float "recipe" (bf16 / f16 / f32) is the model dtype too
         dt = {2: "bfloat16" if recipe == "bf16" else "float16", 4: "float32"}[P.FLOAT_RECIPES[recipe]] \

@@ -12,12 +12,12 @@
 // value_dim columns are accumulated (MLA uses the latent's first kv_lora_rank columns as values, not the rope part).
 //
 // A bf16 cache on a CPU with AVX512-BF16 uses bf16 dot products (vdpbf16ps: 32 products per instruction, twice the
-// fp32 FMA rate; the fp32 kernel is bound by arithmetic more than memory): q and the softmax weights are rounded to bf16, the
-// accumulation stays fp32.  Without AVX512-BF16 the bf16 rows are widened to fp32 in registers as they are loaded
+// fp32 FMA rate; the fp32 kernel is bound by arithmetic more than memory): q and the softmax weights are rounded to
+// bf16, the accumulation stays fp32.  Without AVX512-BF16 the bf16 rows are widened to fp32 in registers as they are loaded
 // (exact).  Tested against the module's einsum path in tests/ops/test_qops.py (tolerance by cache dtype).
 //
 // 2-core Xeon (Ice Lake, AVX-512 without BF16), 1 thread, 4 heads x 288 columns, 131072 rows, one layer: fp32 cache
-// 27.2 -> 17.8-19.0 ms, bf16 27.4 -> 13.5-14.7 ms with the vector exp, two rows scored at a time, prefetching and
+// 27.2 -> 17.8-19.8 ms, bf16 27.4 -> 13.1-14.7 ms with the vector exp, two rows scored at a time, prefetching and
 // in-register widening (was: libm expf, one row at a time, a widened copy of each block).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -298,7 +299,7 @@ at::Tensor mla_decode(const at::Tensor &q, const at::Tensor &past, const at::Ten
         std::vector<Partial> part(parts);
         at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
             std::vector<float> sco(H * kBlock);
-            std::vector<uint32_t> pair(H * kBlock);
+            std::vector<uint32_t> pair(dots ? H * kBlock : 0);  // block_bf16's weights, two per row pair
             for (int64_t p = p0; p < p1; p++) {
                 Partial &st = part[p];
                 st.m.assign(H, -std::numeric_limits<float>::infinity());
@@ -307,31 +308,31 @@ at::Tensor mla_decode(const at::Tensor &q, const at::Tensor &past, const at::Ten
                 const int64_t r1 = std::min(len, (p + 1) * chunk);
                 for (int64_t r0 = p * chunk; r0 < r1; r0 += kBlock) {
                     const int64_t n = std::min(kBlock, r1 - r0);
+                    // heads in groups of 4 (each row read once for 4), the rest one at a time: run(G, first head)
+                    auto heads = [&](auto &&run) {
+                        for (int64_t h0 = 0; h0 < H; h0 += 4) {
+                            if (H - h0 >= 4) run(std::integral_constant<int, 4>{}, h0);
+                            else
+                                for (int64_t h = h0; h < H; h++) run(std::integral_constant<int, 1>{}, h);
+                        }
+                    };
 #ifdef KIMIQ_MLA_BF16_DOTS
                     if (dots) {
                         const uint16_t *rows = reinterpret_cast<const uint16_t *>(pb) + r0 * rstride;
-                        for (int64_t h0 = 0; h0 < H; h0 += 4) {
-                            if (H - h0 >= 4)
-                                block_bf16<4>(qbf.data(), Dq, h0, D, Dv, Dvp, n, rows, rstride, sc, st, sco.data(),
-                                              pair.data());
-                            else
-                                for (int64_t h = h0; h < H; h++)
-                                    block_bf16<1>(qbf.data(), Dq, h, D, Dv, Dvp, n, rows, rstride, sc, st, sco.data(),
-                                                  pair.data());
-                        }
+                        heads([&](auto G, int64_t h) {
+                            block_bf16<decltype(G)::value>(qbf.data(), Dq, h, D, Dv, Dvp, n, rows, rstride, sc, st, sco.data(),
+                                            pair.data());
+                        });
                         continue;
                     }
 #endif
-                    auto heads = [&](const auto *rows) {  // heads in groups of 4 (each row read once for 4)
-                        for (int64_t h0 = 0; h0 < H; h0 += 4) {
-                            if (H - h0 >= 4) block<4>(qb, h0, D, Dv, n, rows, rstride, sc, st, sco.data());
-                            else
-                                for (int64_t h = h0; h < H; h++)
-                                    block<1>(qb, h, D, Dv, n, rows, rstride, sc, st, sco.data());
-                        }
+                    auto fp32_math = [&](const auto *rows) {  // fp32 rows, or bf16 rows widened in registers
+                        heads([&](auto G, int64_t h) {
+                            block<decltype(G)::value>(qb, h, D, Dv, n, rows, rstride, sc, st, sco.data());
+                        });
                     };
-                    if (bf16) heads(reinterpret_cast<const uint16_t *>(pb) + r0 * rstride);
-                    else heads(reinterpret_cast<const float *>(pb) + r0 * rstride);
+                    if (bf16) fp32_math(reinterpret_cast<const uint16_t *>(pb) + r0 * rstride);
+                    else fp32_math(reinterpret_cast<const float *>(pb) + r0 * rstride);
                 }
             }
         });
